@@ -1,0 +1,66 @@
+"""Typed errors: each names the problem and the fix, so users never read a stack trace from torch."""
+
+from __future__ import annotations
+
+
+class BlockscaleError(Exception):
+    """Base of every error blockscale raises on purpose.
+
+    ``hint`` says how to fix the problem; it is appended to the message.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message}\n  fix: {hint}" if hint else message)
+
+
+class UnknownModelError(BlockscaleError, KeyError):
+    """A model name that the registry does not know."""
+
+    def __str__(self) -> str:  # KeyError would quote the message otherwise
+        return Exception.__str__(self)
+
+
+class DatasetNotFoundError(BlockscaleError, FileNotFoundError):
+    """A data set whose files cannot be found locally or fetched."""
+
+
+class DatasetFormatError(BlockscaleError, ValueError):
+    """A data file that exists but is not what its format promises."""
+
+
+class InputShapeError(BlockscaleError, ValueError):
+    """An example input whose shape the model does not accept."""
+
+
+class UntraceableModelError(BlockscaleError):
+    """A model that ``torch.fx`` cannot trace symbolically."""
+
+
+class BlockPlanError(BlockscaleError, ValueError):
+    """Blocks that cannot be cut as asked (not single-entry, single-exit, overlapping, unknown)."""
+
+
+class PruningError(BlockscaleError):
+    """A block that cannot be pruned into a shape-preserving descendant."""
+
+
+class GraphFormatError(BlockscaleError, ValueError):
+    """A serialized graph that names an operation or layer outside the safe allow-list."""
+
+
+class BankError(BlockscaleError):
+    """A bank that cannot be written or read."""
+
+
+class BankCorruptError(BankError):
+    """A bank file that is missing, truncated or does not match its recorded sha256."""
+
+
+class BankVersionError(BankError):
+    """A bank written with a schema version this release cannot read."""
+
+
+class CheckpointError(BlockscaleError):
+    """A checkpoint that cannot be read or does not fit the model."""
