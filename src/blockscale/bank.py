@@ -1,0 +1,410 @@
+"""The bank: the on-disk artifact of a build, readable without running any code from it.
+
+Layout of a bank directory::
+
+    manifest.json        schema version, teacher, plan, derive config, every architecture as data,
+                         profiles, and the sha256 and size of every weight file
+    manifest.sha256      sha256 of manifest.json, in ``sha256sum -c`` format
+    frame.safetensors    weights of the frame
+    blocks/bB-dD.safetensors  weights of descendant D of block B
+
+Loading rebuilds every module from the manifest (allow-listed layers and operations only) and the
+safetensors weights: no pickle anywhere. Writes go to a temporary directory that is renamed into
+place, so an interrupted write never leaves a half-written bank. Every file is checked against its
+recorded sha256 before it is parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import fx, nn
+
+from . import __version__
+from ._graph_io import decode_graph_module, encode_graph_module
+from .derive import Descendant
+from .errors import BankCorruptError, BankError, BankVersionError, BlockscaleError
+from .extract import Decomposition, _swap_submodules, compose, slot_name
+from .types import BlockPlan, DeriveConfig, DescendantInfo
+
+FORMAT = "blockscale-bank"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MANIFEST_SUM = "manifest.sha256"
+FRAME_FILE = "frame.safetensors"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensors(module: nn.Module, skip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """The module's state as contiguous tensors with their own storage (safetensors needs that)."""
+    return {
+        k: v.detach().contiguous().clone()
+        for k, v in module.state_dict().items()
+        if not any(k == s or k.startswith(f"{s}.") for s in skip)
+    }
+
+
+def _class_path(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A weight file of the bank, with the digest and size it must have."""
+
+    sha256: str
+    bytes: int
+
+
+class Bank:
+    """A bank on disk: open it with :meth:`Bank.open`, write one with :meth:`Bank.write`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.plan = BlockPlan.from_dict(manifest["plan"])
+        self.derive_config = DeriveConfig.from_dict(manifest["derive"])
+        self.descendants: list[list[DescendantInfo]] = [
+            [DescendantInfo.from_dict(d["info"]) for d in family]
+            for family in manifest["descendants"]
+        ]
+        self.files = {
+            name: FileRecord(str(rec["sha256"]), int(rec["bytes"]))
+            for name, rec in manifest["files"].items()
+        }
+
+    # -- writing -----------------------------------------------------------------------------
+
+    @classmethod
+    def write(
+        cls,
+        path: str | os.PathLike,
+        decomposition: Decomposition,
+        descendants: Sequence[Sequence[Descendant]],
+        *,
+        teacher: dict[str, Any] | None = None,
+        derive_config: DeriveConfig | None = None,
+        extra: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Bank:
+        """Write a bank atomically and return it opened.
+
+        ``teacher`` describes the teacher (name, constructor arguments, data set, accuracy);
+        ``extra`` holds further stage results (profiles), stored under their own keys.
+        """
+        path = Path(path)
+        plan = decomposition.plan
+        if len(descendants) != plan.num_blocks:
+            raise BankError(
+                f"got descendants for {len(descendants)} blocks, plan has {plan.num_blocks}"
+            )
+        if path.exists() and not overwrite:
+            raise BankError(
+                f"{path} already exists",
+                hint="choose another path, or pass overwrite=True (--overwrite) to replace it",
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            manifest = cls._write_contents(
+                tmp, decomposition, descendants, teacher, derive_config, extra
+            )
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path, manifest)
+
+    @staticmethod
+    def _write_contents(
+        root: Path,
+        decomposition: Decomposition,
+        descendants: Sequence[Sequence[Descendant]],
+        teacher: dict[str, Any] | None,
+        derive_config: DeriveConfig | None,
+        extra: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        plan = decomposition.plan
+        files: dict[str, dict[str, Any]] = {}
+
+        def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
+            data = safetensors.torch.save(tensors)
+            target = root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            files[name] = {"sha256": _sha256(data), "bytes": len(data)}
+
+        if plan.frame_kind == "graph":
+            slots = frozenset(slot_name(i) for i in range(plan.num_blocks))
+            assert isinstance(decomposition.frame, fx.GraphModule)
+            frame = {
+                "kind": "graph",
+                "graph": encode_graph_module(decomposition.frame, slots=slots),
+                "file": FRAME_FILE,
+            }
+            save(FRAME_FILE, _tensors(decomposition.frame, skip=sorted(slots)))
+        else:
+            frame = {
+                "kind": "module",
+                "class": _class_path(decomposition.frame),
+                "file": FRAME_FILE,
+            }
+            save(FRAME_FILE, _tensors(decomposition.frame, skip=[b.name for b in plan.blocks]))
+
+        families = []
+        for info, family in zip(plan.blocks, descendants, strict=True):
+            entries = []
+            for d in family:
+                if d.info.block != info.index:
+                    raise BankError(f"descendant {d.info.key} is filed under block {info.index}")
+                if not isinstance(d.module, fx.GraphModule):
+                    raise BankError(f"descendant {d.info.key} is not a torch.fx GraphModule")
+                name = f"blocks/{d.info.key}.safetensors"
+                save(name, _tensors(d.module))
+                entries.append(
+                    {"info": d.info.to_dict(), "graph": encode_graph_module(d.module), "file": name}
+                )
+            families.append(entries)
+
+        manifest = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "blockscale_version": __version__,
+            "torch_version": torch.__version__.split("+")[0],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "teacher": teacher or {},
+            "plan": plan.to_dict(),
+            "derive": (derive_config or _config_of(descendants)).to_dict(),
+            "frame": frame,
+            "descendants": families,
+            "files": files,
+            **(extra or {}),
+        }
+        _write_manifest(root, manifest)
+        return manifest
+
+    def update(self, **sections: Any) -> None:
+        """Replace top-level manifest sections (e.g. ``profiles``) atomically; weights untouched."""
+        reserved = {"format", "schema_version", "plan", "frame", "descendants", "files"}
+        clash = reserved & set(sections)
+        if clash:
+            raise BankError(f"cannot overwrite the bank's {sorted(clash)} sections")
+        manifest = {**self.manifest, **sections}
+        _write_manifest(self.path, manifest)
+        self.manifest = manifest
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify: bool = True) -> Bank:
+        """Open a bank; with ``verify`` every weight file is checked against its sha256 now."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BankError(
+                f"no bank at {path}",
+                hint="build one with `blockscale build` or blockscale.build(...)",
+            )
+        manifest_bytes = _read(path / MANIFEST)
+        sum_text = _read(path / MANIFEST_SUM).decode("ascii", errors="replace").split()
+        if not sum_text or sum_text[0] != _sha256(manifest_bytes):
+            raise BankCorruptError(
+                f"{path / MANIFEST} does not match {MANIFEST_SUM}: the manifest was altered",
+                hint="rebuild the bank, or restore it from a trusted copy",
+            )
+        try:
+            manifest = json.loads(manifest_bytes)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BankCorruptError(f"{path / MANIFEST} is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BankCorruptError(f"{path / MANIFEST} is not a blockscale bank manifest")
+        version = manifest.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BankVersionError(
+                f"{path} has bank schema version {version}; this blockscale reads version "
+                f"{SCHEMA_VERSION}",
+                hint="rebuild the bank with this version of blockscale",
+            )
+        try:
+            bank = cls(path, manifest)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BankCorruptError(f"{path / MANIFEST} is missing or mangles {exc}") from exc
+        if verify:
+            for name in bank.files:
+                bank._read_weights(name)
+        return bank
+
+    def _read_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """A weight file's tensors, after checking its size and sha256 against the manifest."""
+        record = self.files.get(name)
+        if record is None:
+            raise BankCorruptError(f"{self.path / name} is not listed in the bank's manifest")
+        data = _read(self.path / name)
+        if len(data) != record.bytes:
+            raise BankCorruptError(
+                f"{self.path / name} has {len(data)} bytes, the manifest records {record.bytes}: "
+                "it is truncated or was replaced",
+                hint="rebuild the bank, or restore it from a trusted copy",
+            )
+        if _sha256(data) != record.sha256:
+            raise BankCorruptError(
+                f"{self.path / name} does not match its recorded sha256: it was altered",
+                hint="rebuild the bank, or restore it from a trusted copy",
+            )
+        try:
+            return safetensors.torch.load(data)
+        except (safetensors.SafetensorError, ValueError) as exc:
+            raise BankCorruptError(f"{self.path / name} is not a safetensors file: {exc}") from exc
+
+    def load_descendant(self, block: int, index: int) -> fx.GraphModule:
+        """Rebuild descendant ``index`` of ``block`` from its stored graph and verified weights."""
+        try:
+            entry = self.manifest["descendants"][block][index]
+        except (IndexError, KeyError):
+            raise BankError(
+                f"the bank has no descendant {index} of block {block}",
+                hint=f"blocks are 0..{self.plan.num_blocks - 1}; "
+                f"descendants 0..{len(self.derive_config.sparsities) - 1}",
+            ) from None
+        state = self._read_weights(entry["file"])
+        return _decode(entry["graph"], state, f"descendant b{block}-d{index}", "Descendant")
+
+    def load_frame(self, frame: nn.Module | None = None) -> nn.Module:
+        """The frame with the teacher's own blocks (sparsity 0 descendants) in its slots.
+
+        A bank cut from a teacher ``torch.fx`` cannot trace stores its frame as weights only: pass
+        ``frame``, an instance of the teacher's class, and its weights are replaced by the bank's.
+        """
+        spec = self.manifest["frame"]
+        state = self._read_weights(spec["file"])
+        originals = [
+            self.load_descendant(b, self._original_index()) for b in range(self.plan.num_blocks)
+        ]
+        if spec["kind"] == "graph":
+            slots = {slot_name(i): m for i, m in enumerate(originals)}
+            return _decode(spec["graph"], state, "frame", f"{self.plan.model}Frame", slots=slots)
+        if frame is None or _class_path(frame) != spec["class"]:
+            raise BankError(
+                f"this bank's frame is Python code of class {spec['class']}, which a bank cannot "
+                "carry safely",
+                hint=f"pass frame=<an instance of {spec['class']}> (e.g. the teacher) to load it",
+            )
+        names = [b.name for b in self.plan.blocks]
+        rebuilt = _swap_submodules(frame, dict(zip(names, originals, strict=True)))
+        result = rebuilt.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not any(k.startswith(f"{n}.") for n in names)]
+        if missing or result.unexpected_keys:
+            raise BankError(
+                f"the frame given does not fit the bank (missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]})",
+                hint=f"pass an instance of {spec['class']} built with the teacher's arguments",
+            )
+        return rebuilt
+
+    def _original_index(self) -> int:
+        try:
+            return list(self.derive_config.sparsities).index(0.0)
+        except ValueError:
+            raise BankError(
+                "this bank holds no sparsity-0 descendants, so it cannot rebuild the teacher"
+            ) from None
+
+    def decomposition(self, frame: nn.Module | None = None) -> Decomposition:
+        """The bank's teacher as a :class:`Decomposition` (frame plus original blocks)."""
+        loaded = self.load_frame(frame)
+        if self.plan.frame_kind == "graph":
+            blocks = [loaded.get_submodule(slot_name(i)) for i in range(self.plan.num_blocks)]
+        else:
+            blocks = [loaded.get_submodule(b.name) for b in self.plan.blocks]
+        return Decomposition(plan=self.plan, frame=loaded, blocks=blocks)
+
+    def compose(self, selection: Sequence[int], frame: nn.Module | None = None) -> nn.Module:
+        """A runnable model with descendant ``selection[b]`` in block ``b``."""
+        if len(selection) != self.plan.num_blocks:
+            raise BankError(
+                f"a selection names one descendant per block ({self.plan.num_blocks}), "
+                f"got {len(selection)}"
+            )
+        parts = [self.load_descendant(b, int(d)) for b, d in enumerate(selection)]
+        return compose(self.decomposition(frame), parts).eval()
+
+    def load_descendants(self) -> list[list[Descendant]]:
+        """Every descendant of every block, rebuilt."""
+        return [
+            [
+                Descendant(info=info, module=self.load_descendant(info.block, info.index))
+                for info in fam
+            ]
+            for fam in self.descendants
+        ]
+
+    def file_bytes(self, block: int, index: int) -> int:
+        """Size on disk of a descendant's weights (what a switch to it loads)."""
+        return self.files[self.manifest["descendants"][block][index]["file"]].bytes
+
+
+def _decode(
+    graph: dict, state: dict[str, torch.Tensor], what: str, class_name: str, **kw: Any
+) -> fx.GraphModule:
+    try:
+        return decode_graph_module(graph, state, class_name=class_name, **kw).eval()
+    except BlockscaleError as exc:
+        raise BankCorruptError(f"{what} cannot be rebuilt: {exc.message}", hint=exc.hint) from exc
+
+
+def _config_of(descendants: Sequence[Sequence[Descendant]]) -> DeriveConfig:
+    return DeriveConfig(sparsities=tuple(d.info.sparsity for d in descendants[0]))
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise BankCorruptError(
+            f"{path} is missing from the bank",
+            hint="rebuild the bank, or restore it from a trusted copy",
+        ) from None
+    except OSError as exc:
+        raise BankError(f"cannot read {path}: {exc}") from exc
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Write manifest.json and its checksum, each through a temporary file and a rename."""
+    data = (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode()
+    for name, content in (
+        (MANIFEST, data),
+        (MANIFEST_SUM, f"{_sha256(data)}  {MANIFEST}\n".encode()),
+    ):
+        tmp = root / f".{name}.tmp"
+        tmp.write_bytes(content)
+        os.replace(tmp, root / name)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is replaced only once ``src`` is complete."""
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,158 @@
+"""The plain data that passes between stages, defined once. Each type round-trips through JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+FrameKind = Literal["graph", "module"]
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block of a plan: a single-entry, single-exit part of the teacher with fixed shapes.
+
+    Shapes are per sample (no batch dimension). ``nodes`` are the teacher's fx node names the block
+    covers (empty for a block cut by module path from an untraceable teacher).
+    """
+
+    index: int
+    name: str
+    modules: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    num_convs: int
+    num_params: int
+    nodes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlockInfo:
+        return cls(
+            index=int(data["index"]),
+            name=str(data["name"]),
+            modules=tuple(data["modules"]),
+            input_shape=_shape(data["input_shape"]),
+            output_shape=_shape(data["output_shape"]),
+            num_convs=int(data["num_convs"]),
+            num_params=int(data["num_params"]),
+            nodes=tuple(data.get("nodes", ())),
+        )
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How a teacher is cut: its blocks in execution order and the frame around them.
+
+    ``frame_kind`` is ``"graph"`` when the frame is a traced graph (storable as data) and
+    ``"module"`` when it is the teacher's own Python code with the blocks swapped in.
+    """
+
+    model: str
+    input_shape: tuple[int, ...]
+    frame_kind: FrameKind
+    blocks: tuple[BlockInfo, ...]
+    frame_modules: tuple[str, ...]
+    frame_params: int
+    frame_nodes: tuple[str, ...] = ()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def total_params(self) -> int:
+        return self.frame_params + sum(b.num_params for b in self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["blocks"] = [b.to_dict() for b in self.blocks]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlockPlan:
+        return cls(
+            model=str(data["model"]),
+            input_shape=_shape(data["input_shape"]),
+            frame_kind=data["frame_kind"],
+            blocks=tuple(BlockInfo.from_dict(b) for b in data["blocks"]),
+            frame_modules=tuple(data["frame_modules"]),
+            frame_params=int(data["frame_params"]),
+            frame_nodes=tuple(data.get("frame_nodes", ())),
+        )
+
+
+@dataclass(frozen=True)
+class DeriveConfig:
+    """How descendants are derived from each block.
+
+    ``sparsities`` are fractions of each internal channel group removed (0.0 keeps the original
+    block); ``round_to`` rounds every kept channel count up to a multiple (e.g. 8 for SIMD-friendly
+    widths); ``importance`` ranks channels (``"l1"``: L1 norm of the group's weights, as LegoDNN).
+    """
+
+    sparsities: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
+    round_to: int | None = None
+    importance: Literal["l1", "l2"] = "l1"
+
+    def __post_init__(self) -> None:
+        if not self.sparsities:
+            raise ValueError("DeriveConfig.sparsities must name at least one level")
+        if any(not 0.0 <= s < 1.0 for s in self.sparsities):
+            raise ValueError(f"sparsities must lie in [0, 1), got {self.sparsities}")
+        if len(set(self.sparsities)) != len(self.sparsities):
+            raise ValueError(f"sparsities must be distinct, got {self.sparsities}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, got {self.round_to}")
+        if self.importance not in ("l1", "l2"):
+            raise ValueError(f"importance must be 'l1' or 'l2', got {self.importance!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeriveConfig:
+        return cls(
+            sparsities=tuple(float(s) for s in data["sparsities"]),
+            round_to=data.get("round_to"),
+            importance=data.get("importance", "l1"),
+        )
+
+
+@dataclass(frozen=True)
+class DescendantInfo:
+    """What a descendant is, as data: its block, sparsity, kept channels and size.
+
+    ``channels`` maps each pruned layer's module path to (original, kept) output channels.
+    """
+
+    block: int
+    index: int
+    sparsity: float
+    num_params: int
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"b{self.block}-d{self.index}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["channels"] = {k: list(v) for k, v in self.channels.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DescendantInfo:
+        return cls(
+            block=int(data["block"]),
+            index=int(data["index"]),
+            sparsity=float(data["sparsity"]),
+            num_params=int(data["num_params"]),
+            channels={k: (int(v[0]), int(v[1])) for k, v in data.get("channels", {}).items()},
+        )
