@@ -281,8 +281,10 @@ class _Graph:
         return regions
 
     def _stages(self, seg_ids: list[int], convs: list[int]) -> list[tuple[int, int]]:
-        """Split consecutive segments at resolution changes, merging pieces with too few convs.
+        """Split consecutive segments into stages, merging pieces with too few convs.
 
+        A piece ends at a resolution change or where a segment that holds enough convs on its own
+        (a residual unit written at module level) begins.
         Trailing segments that change the tensor's rank (a flatten and classifier head) are left to
         the frame: blocks map feature maps to feature maps.
         """
@@ -294,6 +296,8 @@ class _Graph:
             seg_ids.pop()
         pieces: list[list[int]] = [[]]
         for s in seg_ids:
+            if convs[s] >= self.min_convs and any(convs[p] for p in pieces[-1]):
+                pieces.append([])  # a segment with enough convs (a residual unit) stands alone
             pieces[-1].append(s)
             lo, hi = self.segments[s]
             before, after = _shape_of(self.nodes[lo]), _shape_of(self.nodes[hi])
@@ -359,11 +363,19 @@ class _Graph:
         ]
 
     def _region_name(self, lo: int, hi: int) -> str:
+        """The shallowest module that is exactly the region, else ``first..last`` children."""
+        body = set(self.nodes[lo + 1 : hi + 1])
         scope = self._scope(lo, hi)
-        if scope:
-            return scope[-1]
-        mods = [n.target for n in self.nodes[lo + 1 : hi + 1] if n.op == "call_module"]
-        return f"{mods[0]}..{mods[-1]}" if mods else self.nodes[hi].name
+        for path in scope:
+            owned = {n for n in self.nodes if path in n.meta.get("nn_module_stack", {})}
+            if owned == body:
+                return path
+        depth = len(scope)
+        ends = []
+        for node in (self.nodes[lo + 1], self.nodes[hi]):
+            stack = list(node.meta.get("nn_module_stack", {}))
+            ends.append(stack[depth] if len(stack) > depth else node.name)
+        return ends[0] if ends[0] == ends[1] else f"{ends[0]}..{ends[1]}"
 
     def decompose(
         self, regions: list[tuple[int, int]], model_name: str, input_shape: tuple[int, ...]
