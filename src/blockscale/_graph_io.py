@@ -155,9 +155,19 @@ def decode_arg(data: Any, env: dict[str, fx.Node] | None = None) -> Any:
     raise GraphFormatError(f"unknown stored argument tag {tag!r}")
 
 
+def _is_layer_class(cls: object) -> bool:
+    """A concrete torch.nn layer class: not a container and not the Module base itself."""
+    return (
+        isinstance(cls, type)
+        and issubclass(cls, nn.Module)
+        and cls is not nn.Module
+        and not issubclass(cls, _CONTAINERS)
+    )
+
+
 def _layer_class(name: str) -> type[nn.Module]:
     cls = getattr(nn, name, None) if not name.startswith("_") else None
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or issubclass(cls, _CONTAINERS):
+    if not _is_layer_class(cls):
         raise GraphFormatError(
             f"stored layer type {name!r} is not a torch.nn layer",
             hint="the bank was not written by blockscale or was tampered with; rebuild it",
@@ -168,7 +178,7 @@ def _layer_class(name: str) -> type[nn.Module]:
 def encode_layer(module: nn.Module, path: str = "") -> dict[str, Any]:
     """Describe a leaf ``torch.nn`` layer by class name and constructor arguments."""
     cls = type(module)
-    if getattr(nn, cls.__name__, None) is not cls or issubclass(cls, _CONTAINERS):
+    if getattr(nn, cls.__name__, None) is not cls or not _is_layer_class(cls):
         raise GraphFormatError(
             f"layer {path or cls.__name__!r} of type {cls.__module__}.{cls.__qualname__} is not a "
             "built-in torch.nn layer, so it cannot be stored as data",

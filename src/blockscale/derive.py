@@ -4,13 +4,15 @@ Each descendant removes a fraction of every *internal* channel group of its bloc
 norm of the group's weights (LegoDNN's filter pruning). torch-pruning's dependency graph finds the
 coupled channels (residual adds, depthwise convolutions, concatenations). To keep the block's input
 and output widths, the block is traced between two batch-norm *sentinels*: every channel group that
-reaches the block's input or output is coupled to a sentinel, and such groups are left whole.
+reaches the block's input or output is coupled to a sentinel, and such groups are left whole, as are
+groups through grouped (not depthwise) convolutions, whose channels would have to go evenly per group.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +59,12 @@ def _sentinel(shape: Sequence[int]) -> nn.Module:
     return _SENTINELS[rank](int(shape[0]))
 
 
+def _is_grouped(module: nn.Module) -> bool:
+    """A grouped (not depthwise) convolution: channels must go evenly per group, so keep it whole."""
+    groups = getattr(module, "groups", 1)
+    return isinstance(module, _ROOT_TYPES[:3]) and 1 < groups < module.in_channels
+
+
 def _kept(channels: int, sparsity: float, round_to: int | None) -> int:
     """Channels kept when removing ``sparsity`` of ``channels``: at least one, rounded up."""
     keep = max(1, channels - math.floor(channels * sparsity + 1e-9))
@@ -90,7 +98,11 @@ def prune_block(
     wrapper = _Bracketed(pruned, input_shape, output_shape).eval()
     example = torch.randn(1, *input_shape)
     try:
-        graph = tp.DependencyGraph().build_dependency(wrapper, example_inputs=example)
+        with warnings.catch_warnings():
+            # parameters used outside layers (a learnt per-channel scale) are pruned along their
+            # last non-singleton dimension, the channel dimension of an (1, C, 1, 1) scale
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            graph = tp.DependencyGraph().build_dependency(wrapper, example_inputs=example)
     except Exception as exc:  # torch-pruning raises many kinds on graphs it cannot follow
         raise PruningError(
             f"torch-pruning cannot follow the dependencies of block {name!r}: {exc}",
@@ -103,7 +115,7 @@ def prune_block(
     for group in graph.get_all_groups(
         ignored_layers=list(sentinels), root_module_types=_ROOT_TYPES
     ):
-        if any(dep.target.module in sentinels for dep, _ in group):
+        if any(m in sentinels or _is_grouped(m) for m in (dep.target.module for dep, _ in group)):
             continue
         roots.append((group[0].dep.target.module, group[0].dep.handler))
     channels: dict[str, tuple[int, int]] = {}
