@@ -218,7 +218,7 @@ class Bank:
         if not path.is_dir():
             raise BankError(
                 f"no bank at {path}",
-                hint="build one with `blockscale build` or blockscale.build(...)",
+                hint="write one with `blockscale derive --out PATH` (or blockscale.Bank.write)",
             )
         manifest_bytes = _read(path / MANIFEST)
         sum_text = _read(path / MANIFEST_SUM).decode("ascii", errors="replace").split()

@@ -1,0 +1,365 @@
+"""The ``blockscale`` command line: every stage of the Python API, with tables or ``--json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BlockscaleError
+
+app = typer.Typer(
+    name="blockscale",
+    help="Block-grained scaling of deep neural networks for mobile and edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_out = Console()
+_err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="Zoo model name (see `list-models`).")
+]
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", "-c", help="Teacher checkpoint (.safetensors) from `train`."),
+]
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", "-d", help="Data set that fixes input shape and classes.")
+]
+ShapeOpt = Annotated[
+    str | None,
+    typer.Option("--input-shape", help="Per-sample input shape C,H,W (overrides the data set's)."),
+]
+BlocksOpt = Annotated[
+    str | None,
+    typer.Option("--blocks", help="Comma-separated module paths to use as blocks (default: auto)."),
+]
+SparsitiesOpt = Annotated[
+    str,
+    typer.Option("--sparsities", help="Comma-separated channel sparsities; 0 keeps the original."),
+]
+
+
+def _emit(data: Any, as_json: bool, render: Any) -> None:
+    """Print ``data`` as JSON or through ``render`` (a function drawing tables)."""
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        render()
+
+
+def _run(fn: Any) -> Any:
+    """Call ``fn``; a blockscale error becomes a one-paragraph message and exit status 2."""
+    try:
+        return fn()
+    except BlockscaleError as exc:
+        _err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        if exc.hint:
+            _err.print(f"[bold]fix:[/] {exc.hint}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--input-shape must look like 3,32,32, got {text!r}") from None
+
+
+def _teacher(
+    model: str | None, checkpoint: Path | None, dataset: str, input_shape: str | None
+) -> tuple[Any, tuple[int, ...], dict[str, Any]]:
+    """The teacher module, its per-sample input shape, and a description for the bank."""
+    from .models import create_model, load_checkpoint
+
+    shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+    classes = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+    if checkpoint is not None:
+        net, meta = load_checkpoint(checkpoint)
+        extra = meta.get("extra", {})
+        dataset = extra.get("dataset", dataset)
+        description = {
+            "name": meta["model"],
+            "kwargs": meta["kwargs"],
+            "checkpoint": str(checkpoint),
+            **extra,
+        }
+        if model is not None and model != meta["model"]:
+            raise BlockscaleError(
+                f"--model {model} contradicts the checkpoint, which holds {meta['model']}",
+                hint="drop --model when you pass --checkpoint",
+            )
+    elif model is not None:
+        kwargs = {
+            "in_channels": shapes.get(dataset, (3,))[0],
+            "num_classes": classes.get(dataset, 10),
+        }
+        net = create_model(model, **kwargs)
+        description = {"name": model, "kwargs": kwargs, "dataset": dataset, "trained": False}
+        _err.print(
+            f"[yellow]note:[/] {model} has random weights; pass --checkpoint for a trained teacher"
+        )
+    else:
+        raise typer.BadParameter("pass --model NAME or --checkpoint FILE")
+    shape = _shape(input_shape) or shapes.get(dataset)
+    if shape is None:
+        raise typer.BadParameter(f"no known input shape for {dataset!r}; pass --input-shape C,H,W")
+    return net.eval(), shape, description
+
+
+@app.command("list-models")
+def list_models_cmd(as_json: JsonOpt = False) -> None:
+    """List the model zoo."""
+    from .models import list_models
+
+    names = list_models()
+    _emit(names, as_json, lambda: _out.print("\n".join(names)))
+
+
+@app.command("list-datasets")
+def list_datasets_cmd(as_json: JsonOpt = False) -> None:
+    """List the built-in data sets."""
+    from .data import list_datasets
+
+    sets = list_datasets()
+
+    def render() -> None:
+        table = Table("name", "description")
+        for name, text in sets.items():
+            table.add_row(name, text)
+        _out.print(table)
+
+    _emit(sets, as_json, render)
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model name.")] = "resnet20",
+    dataset: DatasetOpt = "fashion-mnist",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 15,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")] = Path(
+        "teacher.safetensors"
+    ),
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle schedule).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    limit: Annotated[
+        int | None, typer.Option(help="Train on at most this many images (quick runs).")
+    ] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding the data set.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a teacher from the zoo and save it as a safetensors checkpoint."""
+    from .data import load_dataset, subset
+    from .models import create_model, save_checkpoint
+    from .train import TrainConfig
+    from .train import train as train_model
+
+    def run() -> dict[str, Any]:
+        train_set = load_dataset(dataset, "train", root=data_root, augment=True)
+        test_set = load_dataset(dataset, "test", root=data_root)
+        if limit is not None:
+            train_set = subset(train_set, limit, seed=seed)
+        kwargs = {"in_channels": train_set.in_channels, "num_classes": train_set.num_classes}
+        net = create_model(model, **kwargs)
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        result = train_model(net, train_set, test_set, config, progress=not as_json)
+        extra = {
+            "dataset": dataset,
+            "test_accuracy": result.test_accuracy,
+            "train": config.to_dict(),
+            "train_images": len(train_set),
+            "seconds": round(result.seconds, 1),
+        }
+        save_checkpoint(net, out, model_name=model, model_kwargs=kwargs, extra=extra)
+        return {"model": model, "checkpoint": str(out), **extra, "history": result.history}
+
+    summary = _run(run)
+
+    def render() -> None:
+        _out.print(
+            f"{model} on {dataset}: test accuracy {summary['test_accuracy']:.2%} "
+            f"after {epochs} epochs in {summary['seconds']:.0f} s -> {out}"
+        )
+
+    _emit(summary, as_json, render)
+
+
+@app.command("inspect-model")
+def inspect_model(
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    dataset: DatasetOpt = "fashion-mnist",
+    input_shape: ShapeOpt = None,
+    blocks: BlocksOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cut a model into blocks and print the plan."""
+    import torch
+
+    from .extract import extract
+
+    def run() -> Any:
+        net, shape, _ = _teacher(model, checkpoint, dataset, input_shape)
+        names = [b.strip() for b in blocks.split(",")] if blocks else None
+        return extract(net, torch.randn(1, *shape), names).plan
+
+    plan = _run(run)
+
+    def render() -> None:
+        table = Table(
+            "#", "block", "convs", "params", "input", "output", title=f"{plan.model}: block plan"
+        )
+        for b in plan.blocks:
+            table.add_row(
+                str(b.index),
+                b.name,
+                str(b.num_convs),
+                f"{b.num_params:,}",
+                "x".join(map(str, b.input_shape)),
+                "x".join(map(str, b.output_shape)),
+            )
+        _out.print(table)
+        share = plan.frame_params / max(plan.total_params, 1)
+        _out.print(
+            f"{plan.num_blocks} blocks; frame ({plan.frame_kind}): {plan.frame_params:,} params "
+            f"({share:.1%}), {len(plan.frame_modules)} layers"
+        )
+
+    _emit(plan.to_dict(), as_json, render)
+
+
+@app.command()
+def derive(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bank directory to write.")],
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    dataset: DatasetOpt = "fashion-mnist",
+    input_shape: ShapeOpt = None,
+    blocks: BlocksOpt = None,
+    sparsities: SparsitiesOpt = "0,0.2,0.4,0.6,0.8,0.9",
+    round_to: Annotated[
+        int | None, typer.Option(help="Round kept channels up to a multiple of this.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bank.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Extract blocks and derive pruned descendants of each, writing a bank (no retraining)."""
+    import torch
+
+    from ._progress import progress_bar
+    from .bank import Bank
+    from .derive import derive as derive_descendants
+    from .extract import extract
+    from .types import DeriveConfig
+
+    def run() -> Bank:
+        config = DeriveConfig(sparsities=_floats(sparsities, "--sparsities"), round_to=round_to)
+        net, shape, description = _teacher(model, checkpoint, dataset, input_shape)
+        names = [b.strip() for b in blocks.split(",")] if blocks else None
+        decomposition = extract(net, torch.randn(1, *shape), names)
+        total = decomposition.plan.num_blocks * len(config.sparsities)
+        with progress_bar("derive", total, enabled=not as_json) as advance:
+            families = derive_descendants(decomposition, config, progress=lambda done, n: advance())
+        return Bank.write(
+            out,
+            decomposition,
+            families,
+            teacher=description,
+            derive_config=config,
+            overwrite=overwrite,
+        )
+
+    try:
+        bank = _run(run)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _show_bank(bank, as_json)
+
+
+def _bank_summary(bank: Any) -> dict[str, Any]:
+    k = [len(f) for f in bank.descendants]
+    options = 1
+    for n in k:
+        options *= n
+    return {
+        "path": str(bank.path),
+        "teacher": bank.manifest.get("teacher", {}),
+        "plan": bank.plan.to_dict(),
+        "sparsities": list(bank.derive_config.sparsities),
+        "options": options,
+        "bytes": sum(r.bytes for r in bank.files.values()),
+        "descendants": [
+            [{**d.to_dict(), "bytes": bank.file_bytes(d.block, d.index)} for d in family]
+            for family in bank.descendants
+        ],
+    }
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _show_bank(bank: Any, as_json: bool) -> None:
+    summary = _bank_summary(bank)
+
+    def render() -> None:
+        sparsities = bank.derive_config.sparsities
+        table = Table(
+            "#",
+            "block",
+            "in->out",
+            *[f"s={s:g}" for s in sparsities],
+            "KiB",
+            title=f"bank {bank.path} ({bank.plan.model})",
+            caption="parameters of each descendant; KiB: the block's weights on disk",
+        )
+        for info, family in zip(bank.plan.blocks, summary["descendants"], strict=True):
+            shapes = f"{_dims(info.input_shape)}->{_dims(info.output_shape)}"
+            cells = [_count(d["num_params"]) for d in family]
+            size = sum(d["bytes"] for d in family) / 1024
+            table.add_row(str(info.index), info.name, shapes, *cells, f"{size:,.0f}")
+        _out.print(table)
+        _out.print(
+            f"{bank.plan.num_blocks} blocks x {len(sparsities)} descendants = "
+            f"{summary['options']:,} models; {summary['bytes'] / 2**20:.2f} MiB on disk"
+        )
+
+    _emit(summary, as_json, render)
+
+
+@app.command()
+def inspect(
+    bank: Annotated[Path, typer.Argument(help="Bank directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a bank's blocks, descendants and sizes (every file is verified first)."""
+    from .bank import Bank
+
+    _show_bank(_run(lambda: Bank.open(bank)), as_json)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
