@@ -1,3 +1,39 @@
-"""blockscale: block-grained scaling of deep neural networks for mobile and edge devices."""
+"""blockscale: block-grained scaling of deep neural networks for mobile and edge devices.
 
-__version__ = "0.1.0"
+The stable surface is re-exported here; stage modules (``blockscale.extract``, ``blockscale.derive``,
+``blockscale.bank``, ...) hold the details, and names with a leading underscore are private.
+"""
+
+from ._version import __version__
+from .bank import Bank
+from .data import list_datasets, load_dataset
+from .derive import Descendant, derive
+from .errors import BlockscaleError
+from .extract import Decomposition, compose, extract
+from .models import create_model, list_models, load_checkpoint, save_checkpoint
+from .train import TrainConfig, evaluate, train
+from .types import BlockInfo, BlockPlan, DeriveConfig, DescendantInfo
+
+__all__ = [
+    "Bank",
+    "BlockInfo",
+    "BlockPlan",
+    "BlockscaleError",
+    "Decomposition",
+    "DeriveConfig",
+    "Descendant",
+    "DescendantInfo",
+    "TrainConfig",
+    "__version__",
+    "compose",
+    "create_model",
+    "derive",
+    "evaluate",
+    "extract",
+    "list_datasets",
+    "list_models",
+    "load_checkpoint",
+    "load_dataset",
+    "save_checkpoint",
+    "train",
+]

@@ -32,8 +32,8 @@ import safetensors.torch
 import torch
 from torch import fx, nn
 
-from . import __version__
 from ._graph_io import decode_graph_module, encode_graph_module
+from ._version import __version__
 from .derive import Descendant
 from .errors import BankCorruptError, BankError, BankVersionError, BlockscaleError
 from .extract import Decomposition, _swap_submodules, compose, slot_name

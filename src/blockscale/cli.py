@@ -108,7 +108,7 @@ def _teacher(
             )
     elif model is not None:
         kwargs = {
-            "in_channels": shapes.get(dataset, (3,))[0],
+            "in_channels": (_shape(input_shape) or shapes.get(dataset, (3,)))[0],
             "num_classes": classes.get(dataset, 10),
         }
         net = create_model(model, **kwargs)
@@ -118,10 +118,10 @@ def _teacher(
         )
     else:
         raise typer.BadParameter("pass --model NAME or --checkpoint FILE")
-    shape = _shape(input_shape) or shapes.get(dataset)
+    shape = _shape(input_shape) or description.get("input_shape") or shapes.get(dataset)
     if shape is None:
         raise typer.BadParameter(f"no known input shape for {dataset!r}; pass --input-shape C,H,W")
-    return net.eval(), shape, description
+    return net.eval(), tuple(shape), description
 
 
 @app.command("list-models")
@@ -173,16 +173,16 @@ def train(
     from .train import train as train_model
 
     def run() -> dict[str, Any]:
-        train_set = load_dataset(dataset, "train", root=data_root, augment=True)
+        full = load_dataset(dataset, "train", root=data_root, augment=True)
         test_set = load_dataset(dataset, "test", root=data_root)
-        if limit is not None:
-            train_set = subset(train_set, limit, seed=seed)
-        kwargs = {"in_channels": train_set.in_channels, "num_classes": train_set.num_classes}
+        train_set = subset(full, limit, seed=seed) if limit is not None else full
+        kwargs = {"in_channels": full.in_channels, "num_classes": full.num_classes}
         net = create_model(model, **kwargs)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
         result = train_model(net, train_set, test_set, config, progress=not as_json)
         extra = {
             "dataset": dataset,
+            "input_shape": [full.in_channels, *full.input_size],
             "test_accuracy": result.test_accuracy,
             "train": config.to_dict(),
             "train_images": len(train_set),
@@ -358,6 +358,35 @@ def inspect(
     from .bank import Bank
 
     _show_bank(_run(lambda: Bank.open(bank)), as_json)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's outputs.")] = Path(
+        "demo-out"
+    ),
+    teacher: Annotated[
+        Path, typer.Option(help="Teacher checkpoint; trained quickly when absent.")
+    ] = Path("checkpoints/resnet20-fashion-mnist.safetensors"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the built-in demo: ResNet-20 on Fashion-MNIST, from teacher to bank."""
+    from .demo import run_demo
+
+    log = (lambda text: None) if as_json else _out.print
+    summary = _run(lambda: run_demo(out, teacher=teacher, log=log))
+
+    def render() -> None:
+        from .bank import Bank
+
+        _show_bank(Bank.open(summary["bank"]), as_json=False)
+        _out.print(
+            f"sparsity-0 selection reproduces the teacher exactly: "
+            f"{summary['original_selection_reproduces_teacher']}; "
+            f"demo took {summary['seconds']:.0f} s; summary in {out / 'demo.json'}"
+        )
+
+    _emit(summary, as_json, render)
 
 
 def main() -> None:
