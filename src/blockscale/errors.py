@@ -64,3 +64,23 @@ class BankVersionError(BankError):
 
 class CheckpointError(BlockscaleError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class InfeasibleBudgetError(BlockscaleError, ValueError):
+    """A budget that no selection meets; carries the smallest latency and memory achievable."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        min_latency_ms: float | None = None,
+        min_memory_mb: float | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.min_latency_ms = min_latency_ms
+        self.min_memory_mb = min_memory_mb
+        super().__init__(message, hint)
+
+
+class ProfileError(BlockscaleError):
+    """A bank that lacks the profiles a step needs (for instance latency on the asked target)."""

@@ -156,3 +156,74 @@ class DescendantInfo:
             num_params=int(data["num_params"]),
             channels={k: (int(v[0]), int(v[1])) for k, v in data.get("channels", {}).items()},
         )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The limits at one moment; ``None`` means unconstrained."""
+
+    latency_ms: float | None = None
+    memory_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("latency_ms", "memory_mb"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"Budget.{name} must be positive, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one descendant (or the frame, ``block == -1``) costs and loses.
+
+    ``accuracy_drop`` is the teacher's top-1 accuracy minus the accuracy with this descendant alone
+    in its block (a fraction, 0.01 = one point). Memory is ``weight_bytes + activation_bytes``:
+    the parameter and buffer bytes, plus the peak bytes of activations alive at once while the
+    block runs at batch 1 (its input included). ``latency_ms`` maps a target name to the median
+    batch-1 latency measured there.
+    """
+
+    block: int
+    index: int
+    accuracy_drop: float
+    params: int
+    macs: int
+    weight_bytes: int
+    activation_bytes: int
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        return cls(
+            block=int(data["block"]),
+            index=int(data["index"]),
+            accuracy_drop=float(data["accuracy_drop"]),
+            params=int(data["params"]),
+            macs=int(data["macs"]),
+            weight_bytes=int(data["weight_bytes"]),
+            activation_bytes=int(data["activation_bytes"]),
+            latency_ms={str(k): float(v) for k, v in data.get("latency_ms", {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One descendant per block, with the estimated accuracy, latency and memory of the result."""
+
+    choices: tuple[int, ...]
+    accuracy: float
+    latency_ms: float
+    memory_mb: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
