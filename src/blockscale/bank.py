@@ -35,8 +35,9 @@ from torch import fx, nn
 from ._graph_io import decode_graph_module, encode_graph_module
 from ._version import __version__
 from .derive import Descendant
-from .errors import BankCorruptError, BankError, BankVersionError, BlockscaleError
+from .errors import BankCorruptError, BankError, BankVersionError, BlockscaleError, ProfileError
 from .extract import Decomposition, _swap_submodules, compose, slot_name
+from .profile import BankProfile
 from .types import BlockPlan, DeriveConfig, DescendantInfo
 
 FORMAT = "blockscale-bank"
@@ -88,6 +89,17 @@ class Bank:
             name: FileRecord(str(rec["sha256"]), int(rec["bytes"]))
             for name, rec in manifest["files"].items()
         }
+
+    @property
+    def profile(self) -> BankProfile:
+        """The bank's profiles; :class:`ProfileError` when the bank was never profiled."""
+        data = self.manifest.get("profiles")
+        if not data:
+            raise ProfileError(
+                f"the bank at {self.path} has no profiles",
+                hint="build it with `blockscale build` (derive alone does not profile)",
+            )
+        return BankProfile.from_dict(data)
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -1,0 +1,201 @@
+"""One call for the whole build: extract, derive, retrain, profile, validate, and write the bank.
+
+Each finished stage is saved next to the output as a bank of its own (``OUT.build/derived``,
+``OUT.build/retrained``), so an interrupted build resumes from the last finished stage. Stage
+checkpoints are ordinary banks: no pickle, verified on reload.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from .bank import Bank
+from .derive import derive
+from .errors import BankError
+from .extract import extract
+from .profile import ProfileConfig, profile, validate
+from .retrain import RetrainConfig, retrain
+from .targets import Target
+from .types import DeriveConfig
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every setting of a build; stored in the bank so a build can be reproduced or resumed.
+
+    ``retrain_samples`` images of the training set feed block retraining and a disjoint
+    ``profile_samples`` images measure accuracy drops; ``validate_samples`` random selections check
+    the additive estimate (0 skips the check).
+    """
+
+    derive: DeriveConfig = field(default_factory=DeriveConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    target: str = "torch-1t"
+    retrain_samples: int = 10_000
+    profile_samples: int = 2_000
+    validate_samples: int = 20
+    seed: int = 0
+    blocks: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        return cls(
+            derive=DeriveConfig.from_dict(data["derive"]),
+            retrain=RetrainConfig.from_dict(data["retrain"]),
+            profile=ProfileConfig(**data["profile"]),
+            target=data["target"],
+            retrain_samples=int(data["retrain_samples"]),
+            profile_samples=int(data["profile_samples"]),
+            validate_samples=int(data["validate_samples"]),
+            seed=int(data["seed"]),
+            blocks=tuple(data["blocks"]) if data.get("blocks") else None,
+        )
+
+
+STAGES = ("derived", "retrained")
+
+
+def _split(dataset: Dataset, config: BuildConfig) -> tuple[Subset, Subset]:
+    """Disjoint, seeded subsets of the training set for retraining and for profiling."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
+    n_profile = min(config.profile_samples, len(dataset) // 5)
+    n_retrain = min(config.retrain_samples, len(dataset) - n_profile)
+    profile_idx = order[:n_profile].tolist()
+    retrain_idx = order[n_profile : n_profile + n_retrain].tolist()
+    return Subset(dataset, retrain_idx), Subset(dataset, profile_idx)
+
+
+def _stage_bank(root: Path, stage: str, config: BuildConfig) -> Bank | None:
+    """The saved bank of ``stage`` if it exists, is intact and was built with ``config``."""
+    path = root / stage
+    if not path.is_dir():
+        return None
+    try:
+        bank = Bank.open(path)
+    except BankError:
+        return None
+    return bank if bank.manifest.get("build") == config.to_dict() else None
+
+
+def build(
+    teacher: nn.Module,
+    train_set: Dataset,
+    out: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    teacher_info: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Bank:
+    """Build a bank from ``teacher`` and its training data, resuming an interrupted build."""
+    config = config or BuildConfig()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BankError(
+            f"{out} already exists",
+            hint="choose another path, or pass overwrite=True (--overwrite) to replace it",
+        )
+    target = Target.parse(config.target)
+    work = out.with_name(f"{out.name}.build")
+    work.mkdir(parents=True, exist_ok=True)
+    retrain_set, profile_set = _split(train_set, config)
+    shape = input_shape or tuple(train_set[0][0].shape)
+    extra = {"build": config.to_dict()}
+    timings: dict[str, float] = {}
+    teacher = teacher.eval()
+
+    retrained = _stage_bank(work, "retrained", config)
+    derived = None if retrained else _stage_bank(work, "derived", config)
+    if retrained is not None:
+        log(f"resuming from {work / 'retrained'}")
+        decomposition = retrained.decomposition(frame=teacher)
+        families = retrained.load_descendants()
+        report = retrained.manifest["retrain"]
+        timings = dict(retrained.manifest["timings"])
+    else:
+        if derived is not None:
+            log(f"resuming from {work / 'derived'}")
+            decomposition = derived.decomposition(frame=teacher)
+            families = derived.load_descendants()
+            timings = dict(derived.manifest["timings"])
+        else:
+            start = time.perf_counter()
+            decomposition = extract(teacher, torch.zeros(1, *shape), config.blocks)
+            families = derive(decomposition, config.derive)
+            timings["extract_derive"] = time.perf_counter() - start
+            Bank.write(
+                work / "derived",
+                decomposition,
+                families,
+                teacher=teacher_info,
+                derive_config=config.derive,
+                extra={**extra, "timings": timings},
+                overwrite=True,
+            )
+        start = time.perf_counter()
+        report = retrain(
+            decomposition, families, retrain_set, config.retrain, progress=progress
+        ).to_dict()
+        timings["retrain"] = time.perf_counter() - start
+        Bank.write(
+            work / "retrained",
+            decomposition,
+            families,
+            teacher=teacher_info,
+            derive_config=config.derive,
+            extra={**extra, "retrain": report, "timings": timings},
+            overwrite=True,
+        )
+
+    start = time.perf_counter()
+    profiles = profile(
+        decomposition, families, profile_set, target, config.profile, progress=progress
+    )
+    timings["profile"] = time.perf_counter() - start
+    if config.validate_samples:
+        start = time.perf_counter()
+        profiles.validation[target.name] = validate(
+            profiles,
+            decomposition,
+            families,
+            profile_set,
+            target,
+            samples=config.validate_samples,
+            seed=config.seed,
+            config=config.profile,
+            progress=progress,
+        )
+        timings["validate"] = time.perf_counter() - start
+    bank = Bank.write(
+        out,
+        decomposition,
+        families,
+        teacher=teacher_info,
+        derive_config=config.derive,
+        extra={
+            **extra,
+            "retrain": report,
+            "profiles": profiles.to_dict(),
+            "timings": timings,
+        },
+        overwrite=overwrite,
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"bank written to {out} ({json.dumps({k: round(v, 1) for k, v in timings.items()})} s)")
+    return bank

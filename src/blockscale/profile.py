@@ -1,0 +1,358 @@
+"""Profiling: what each descendant costs and loses, and how well the additive estimate holds.
+
+For every descendant: the accuracy drop when it alone replaces its block in the teacher (on a
+validation set), MACs and parameters, memory, and batch-1 latency on a target. Memory is the
+parameter and buffer bytes plus the peak bytes of activations alive at once while the block runs
+at batch 1, its input included. A selection's estimate adds the parts, as LegoDNN does: accuracy
+drops and latencies add up; weights add up and the activation peak is the largest block's.
+:func:`validate` then measures a sample of random selections to report the estimate's error.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from ._progress import progress_bar
+from .derive import Descendant
+from .extract import Decomposition, compose
+from .targets import Target
+from .train import evaluate
+from .types import Profile
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """How profiling measures: latency warm-up and repeats, evaluation batch size."""
+
+    warmup: int = 10
+    repeats: int = 30
+    batch_size: int = 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BankProfile:
+    """Profiles of a whole bank: teacher accuracy, the frame, every descendant, and targets."""
+
+    teacher_accuracy: float
+    frame: Profile
+    descendants: list[list[Profile]]
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    val_samples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "teacher_accuracy": self.teacher_accuracy,
+            "val_samples": self.val_samples,
+            "frame": self.frame.to_dict(),
+            "descendants": [[p.to_dict() for p in family] for family in self.descendants],
+            "targets": self.targets,
+            "validation": self.validation,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BankProfile:
+        return cls(
+            teacher_accuracy=float(data["teacher_accuracy"]),
+            frame=Profile.from_dict(data["frame"]),
+            descendants=[[Profile.from_dict(p) for p in fam] for fam in data["descendants"]],
+            targets=dict(data.get("targets", {})),
+            validation=dict(data.get("validation", {})),
+            val_samples=int(data.get("val_samples", 0)),
+        )
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``module``."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one batch-1 forward pass (convolutions and matrix products)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module.eval()(torch.zeros(1, *input_shape))
+    return int(counter.get_total_flops() // 2)
+
+
+def peak_activation_bytes(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """Peak bytes of activations alive at once in a batch-1 pass, the input included.
+
+    Exact for ``torch.fx`` graph modules (a liveness sweep over the graph); for other modules the
+    larger of the input and output is returned, a lower bound.
+    """
+    x = torch.zeros(1, *input_shape)
+    if not isinstance(module, fx.GraphModule):
+        with torch.no_grad():
+            out = module.eval()(x)
+        return max(_nbytes(x), _nbytes(out))
+    with torch.no_grad():
+        ShapeProp(module.eval()).propagate(x)
+    nodes = [n for n in module.graph.nodes if n.op not in ("get_attr", "output")]
+    pos = {n: i for i, n in enumerate(nodes)}
+    end = {n: max((pos.get(u, len(nodes)) for u in n.users), default=pos[n]) for n in nodes}
+    sizes = [_meta_bytes(n) for n in nodes]
+    return max(
+        sum(size for n, size in zip(nodes[: i + 1], sizes, strict=False) if end[n] >= i)
+        for i in range(len(nodes))
+    )
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _meta_bytes(node: fx.Node) -> int:
+    meta = node.meta.get("tensor_meta")
+    metas = (
+        [meta]
+        if isinstance(meta, TensorMetadata)
+        else meta
+        if isinstance(meta, list | tuple)
+        else []
+    )
+    total = 0
+    for m in metas:
+        shape = getattr(m, "shape", None)
+        if shape is not None:
+            total += int(np.prod(shape)) * torch.empty((), dtype=m.dtype).element_size()
+    return total
+
+
+class _Replay(nn.Module):
+    """Stands in for a block when timing the frame alone: returns a fixed tensor at no cost."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("output", output, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output
+
+
+def _frame_alone(decomposition: Decomposition) -> nn.Module:
+    shapes = [b.output_shape for b in decomposition.plan.blocks]
+    return compose(decomposition, [_Replay(torch.zeros(1, *s)) for s in shapes])
+
+
+def profile(
+    decomposition: Decomposition,
+    descendants: Sequence[Sequence[Descendant]],
+    val_set: Dataset,
+    target: Target | None = None,
+    config: ProfileConfig | None = None,
+    *,
+    progress: bool = True,
+) -> BankProfile:
+    """Measure every descendant: accuracy drop alone in the teacher, size, MACs, latency."""
+    target = target or Target()
+    config = config or ProfileConfig()
+    plan = decomposition.plan
+    teacher = compose(decomposition, decomposition.blocks)
+    total = sum(len(f) for f in descendants) + 2
+    with progress_bar(f"profile on {target.name}", total, enabled=progress) as advance:
+        teacher_accuracy = evaluate(teacher, val_set, batch_size=config.batch_size)
+        frame_module = _frame_alone(decomposition)
+        frame = Profile(
+            block=-1,
+            index=0,
+            accuracy_drop=0.0,
+            params=plan.frame_params,
+            macs=count_macs(frame_module, plan.input_shape),
+            weight_bytes=weight_bytes(decomposition.frame)
+            - sum(weight_bytes(b) for b in decomposition.blocks),
+            activation_bytes=_frame_activation(decomposition),
+            latency_ms={target.name: _latency(target, frame_module, plan.input_shape, config)},
+        )
+        advance()
+        families = []
+        for info, family in zip(plan.blocks, descendants, strict=True):
+            profiles = []
+            for d in family:
+                blocks = list(decomposition.blocks)
+                blocks[info.index] = d.module
+                if d.info.sparsity == 0:
+                    accuracy = teacher_accuracy
+                else:
+                    accuracy = evaluate(
+                        compose(decomposition, blocks), val_set, batch_size=config.batch_size
+                    )
+                profiles.append(
+                    Profile(
+                        block=info.index,
+                        index=d.info.index,
+                        accuracy_drop=teacher_accuracy - accuracy,
+                        params=sum(p.numel() for p in d.module.parameters()),
+                        macs=count_macs(d.module, info.input_shape),
+                        weight_bytes=weight_bytes(d.module),
+                        activation_bytes=peak_activation_bytes(d.module, info.input_shape),
+                        latency_ms={
+                            target.name: _latency(target, d.module, info.input_shape, config)
+                        },
+                    )
+                )
+                advance(block=info.index)
+            families.append(profiles)
+        advance()
+    return BankProfile(
+        teacher_accuracy=teacher_accuracy,
+        frame=frame,
+        descendants=families,
+        targets={target.name: target.to_dict()},
+        val_samples=len(val_set),
+    )
+
+
+def _latency(
+    target: Target, module: nn.Module, shape: Sequence[int], config: ProfileConfig
+) -> float:
+    return target.latency_ms(module, shape, warmup=config.warmup, repeats=config.repeats)
+
+
+def _frame_activation(decomposition: Decomposition) -> int:
+    """Peak activation bytes of the frame, with each block seen as one step (input and output)."""
+    return peak_activation_bytes(decomposition.frame, decomposition.plan.input_shape)
+
+
+def add_target(
+    bank_profile: BankProfile,
+    decomposition: Decomposition,
+    descendants: Sequence[Sequence[Descendant]],
+    target: Target,
+    config: ProfileConfig | None = None,
+    *,
+    progress: bool = True,
+) -> BankProfile:
+    """Measure latency on another target and add it to existing profiles (nothing retrained)."""
+    config = config or ProfileConfig()
+    plan = decomposition.plan
+    total = sum(len(f) for f in descendants) + 1
+    with progress_bar(f"latency on {target.name}", total, enabled=progress) as advance:
+        frame_ms = _latency(target, _frame_alone(decomposition), plan.input_shape, config)
+        bank_profile.frame.latency_ms[target.name] = frame_ms
+        advance()
+        for info, family, profiles in zip(
+            plan.blocks, descendants, bank_profile.descendants, strict=True
+        ):
+            for d, p in zip(family, profiles, strict=True):
+                p.latency_ms[target.name] = _latency(target, d.module, info.input_shape, config)
+                advance()
+    bank_profile.targets[target.name] = target.to_dict()
+    return bank_profile
+
+
+def estimate(bank_profile: BankProfile, choices: Sequence[int], target: str) -> dict[str, float]:
+    """The additive estimate of a selection: accuracy, latency (ms) and memory (MB)."""
+    parts = [bank_profile.descendants[b][d] for b, d in enumerate(choices)]
+    frame = bank_profile.frame
+    activation = max([frame.activation_bytes, *(p.activation_bytes for p in parts)])
+    weights = frame.weight_bytes + sum(p.weight_bytes for p in parts)
+    return {
+        "accuracy": bank_profile.teacher_accuracy - sum(p.accuracy_drop for p in parts),
+        "latency_ms": frame.latency_ms[target] + sum(p.latency_ms[target] for p in parts),
+        "memory_mb": (weights + activation) / 2**20,
+    }
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = _ranks(a), _ranks(b)
+    if np.std(ra) == 0 or np.std(rb) == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _ranks(values: Sequence[float]) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=float)
+    for v in np.unique(values):
+        tie = values == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def validate(
+    bank_profile: BankProfile,
+    decomposition: Decomposition,
+    descendants: Sequence[Sequence[Descendant]],
+    val_set: Dataset,
+    target: Target,
+    *,
+    samples: int = 20,
+    seed: int = 0,
+    config: ProfileConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure random selections end to end and compare them with the additive estimate.
+
+    Returns the accuracy MAE (points) and Spearman correlation, the latency MAPE (%) and Spearman
+    correlation, and every measured selection.
+    """
+    config = config or ProfileConfig()
+    rng = random.Random(seed)
+    plan = decomposition.plan
+    records = []
+    start = time.perf_counter()
+    with progress_bar("validate estimates", samples, enabled=progress) as advance:
+        for _ in range(samples):
+            choices = [rng.randrange(len(f)) for f in descendants]
+            model = compose(
+                decomposition, [descendants[b][d].module for b, d in enumerate(choices)]
+            )
+            est = estimate(bank_profile, choices, target.name)
+            records.append(
+                {
+                    "choices": choices,
+                    "estimated_accuracy": est["accuracy"],
+                    "measured_accuracy": evaluate(model, val_set, batch_size=config.batch_size),
+                    "estimated_latency_ms": est["latency_ms"],
+                    "measured_latency_ms": _latency(target, model, plan.input_shape, config),
+                }
+            )
+            advance()
+    return summarize_validation(records, target.name, time.perf_counter() - start)
+
+
+def summarize_validation(
+    records: list[dict[str, Any]], target: str, seconds: float
+) -> dict[str, Any]:
+    """Error statistics of estimated against measured accuracy and latency."""
+    est_acc = [r["estimated_accuracy"] for r in records]
+    real_acc = [r["measured_accuracy"] for r in records]
+    est_lat = [r["estimated_latency_ms"] for r in records]
+    real_lat = [r["measured_latency_ms"] for r in records]
+    return {
+        "target": target,
+        "samples": len(records),
+        "accuracy_mae_points": 100
+        * statistics.fmean(abs(e - m) for e, m in zip(est_acc, real_acc, strict=True)),
+        "accuracy_spearman": spearman(est_acc, real_acc),
+        "latency_mape_percent": 100
+        * statistics.fmean(abs(e - m) / m for e, m in zip(est_lat, real_lat, strict=True)),
+        "latency_spearman": spearman(est_lat, real_lat),
+        "seconds": seconds,
+        "records": records,
+    }

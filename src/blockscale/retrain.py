@@ -1,0 +1,381 @@
+"""Block retraining: block-level knowledge distillation from cached teacher features.
+
+The teacher runs once per batch: the input and output of every block are captured and cached (in
+memory when they fit, else in memory-mapped files on disk, optionally as float16), so later epochs
+never rerun it. Every descendant of a block trains from the same cached pairs, with the mean squared
+error between its output and the teacher block's output, both fed the teacher's block input. The
+state with the lowest validation error is kept. Unpruned copies are not retrained: they already
+equal the teacher's block exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ._progress import progress_bar
+from .derive import Descendant
+from .extract import Decomposition
+
+CacheMode = Literal["auto", "memory", "disk", "none"]
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """How descendants are distilled.
+
+    ``cache``: ``"memory"``, ``"disk"`` (memory-mapped files in ``cache_dir`` or a temporary folder),
+    ``"auto"`` (memory when the features fit in ``memory_limit_mb``), or ``"none"`` (rerun the
+    teacher on every batch of every epoch, as LegoDNN's code does; for comparison).
+    """
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    seed: int = 0
+    cache: CacheMode = "auto"
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    cache_dir: str | None = None
+    memory_limit_mb: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"epochs, batch_size and lr must be positive, got {self}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.cache not in ("auto", "memory", "disk", "none"):
+            raise ValueError(f"cache must be auto, memory, disk or none, got {self.cache!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RetrainConfig:
+        return cls(**data)
+
+
+@dataclass
+class RetrainReport:
+    """What retraining did: validation MSE per descendant before and after, and the time spent."""
+
+    cache: str
+    cache_bytes: int
+    cache_seconds: float
+    train_seconds: float
+    samples: int
+    val_mse_before: list[list[float]] = field(default_factory=list)
+    val_mse_after: list[list[float]] = field(default_factory=list)
+    best_epoch: list[list[int]] = field(default_factory=list)
+    history: list[list[list[float]]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FeatureCache:
+    """The teacher's input and output of every block for a fixed set of images.
+
+    Tensors that are both one block's output and the next block's input are stored once.
+    """
+
+    def __init__(self, arrays: list[np.ndarray | torch.Tensor], slots: list[tuple[int, int]]):
+        self._arrays = arrays
+        self._slots = slots  # block -> (input array index, output array index)
+
+    def __len__(self) -> int:
+        return len(self._arrays[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(
+            sum(
+                a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()
+                for a in self._arrays
+            )
+        )
+
+    def pair(self, block: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher input and output of ``block`` for the samples at ``index`` (float32)."""
+        i, o = self._slots[block]
+        return self._take(i, index), self._take(o, index)
+
+    def _take(self, array: int, index: torch.Tensor) -> torch.Tensor:
+        data = self._arrays[array]
+        if isinstance(data, np.ndarray):
+            rows = np.sort(index.numpy())
+            order = np.argsort(np.argsort(index.numpy()))
+            return torch.from_numpy(np.ascontiguousarray(data[rows][order])).float()
+        return data[index].float()
+
+    @classmethod
+    def build(
+        cls,
+        decomposition: Decomposition,
+        dataset: Dataset,
+        *,
+        batch_size: int = 256,
+        mode: CacheMode = "auto",
+        dtype: str = "float32",
+        directory: Path | None = None,
+        memory_limit_mb: int = 4096,
+        progress: bool = True,
+    ) -> FeatureCache:
+        """Run the teacher once over ``dataset`` and keep every block's input and output."""
+        torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hooks = [
+            block.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
+            for block in decomposition.blocks
+        ]
+        frame = decomposition.frame.eval()
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        n = len(dataset)
+        arrays: list[np.ndarray | torch.Tensor] = []
+        slots: list[tuple[int, int]] = []
+        start = 0
+        try:
+            with (
+                torch.no_grad(),
+                progress_bar("cache teacher features", len(loader), enabled=progress) as advance,
+            ):
+                for images, _ in loader:
+                    captured.clear()
+                    frame(images)
+                    if not arrays:
+                        slots, shapes = _layout(captured)
+                        per_sample = sum(math.prod(s) for s in shapes) * (
+                            2 if dtype == "float16" else 4
+                        )
+                        on_disk = mode == "disk" or (
+                            mode == "auto" and per_sample * n > memory_limit_mb * 2**20
+                        )
+                        arrays = _allocate(shapes, n, torch_dtype, on_disk, directory)
+                    stop = start + len(images)
+                    tensors = _unique(captured)
+                    for array, tensor in zip(arrays, tensors, strict=True):
+                        if isinstance(array, np.ndarray):
+                            array[start:stop] = tensor.to(torch_dtype).numpy()
+                        else:
+                            array[start:stop] = tensor.to(torch_dtype)
+                    start = stop
+                    advance()
+        finally:
+            for h in hooks:
+                h.remove()
+        for array in arrays:
+            if isinstance(array, np.memmap):
+                array.flush()
+        return cls(arrays, slots)
+
+
+def _unique(captured: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for x, y in captured:
+        seen.setdefault(id(x), x)
+        seen.setdefault(id(y), y)
+    return list(seen.values())
+
+
+def _layout(
+    captured: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[list[tuple[int, int]], list[tuple[int, ...]]]:
+    """Map each block to indices into the de-duplicated list of captured tensors."""
+    position: dict[int, int] = {}
+    shapes: list[tuple[int, ...]] = []
+    for x, y in captured:
+        for t in (x, y):
+            if id(t) not in position:
+                position[id(t)] = len(shapes)
+                shapes.append(tuple(t.shape[1:]))
+    return [(position[id(x)], position[id(y)]) for x, y in captured], shapes
+
+
+def _allocate(
+    shapes: list[tuple[int, ...]],
+    n: int,
+    dtype: torch.dtype,
+    on_disk: bool,
+    directory: Path | None,
+) -> list[np.ndarray | torch.Tensor]:
+    if not on_disk:
+        return [torch.empty((n, *s), dtype=dtype) for s in shapes]
+    folder = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="blockscale-cache-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
+    return [
+        np.lib.format.open_memmap(
+            folder / f"feature-{i}.npy", mode="w+", dtype=np_dtype, shape=(n, *s)
+        )
+        for i, s in enumerate(shapes)
+    ]
+
+
+def _teacher_pairs(
+    decomposition: Decomposition, images: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every block's teacher input and output for one batch, computed afresh (no cache)."""
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        block.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
+        for block in decomposition.blocks
+    ]
+    try:
+        with torch.no_grad():
+            decomposition.frame.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+@torch.no_grad()
+def _val_mse(module: nn.Module, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    module.eval()
+    total = count = 0.0
+    for x, y in pairs:
+        total += nn.functional.mse_loss(module(x), y, reduction="sum").item()
+        count += y.numel()
+    return total / max(count, 1)
+
+
+def retrain(
+    decomposition: Decomposition,
+    descendants: Sequence[Sequence[Descendant]],
+    dataset: Dataset,
+    config: RetrainConfig | None = None,
+    *,
+    progress: bool = True,
+) -> RetrainReport:
+    """Distill every pruned descendant in place against the teacher's block features."""
+    config = config or RetrainConfig()
+    plan = decomposition.plan
+    n = len(dataset)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(n, generator=generator)
+    n_val = max(1, round(n * config.val_fraction)) if config.val_fraction > 0 else 0
+    val_idx, train_idx = order[:n_val], order[n_val:]
+
+    cache_start = time.perf_counter()
+    cache: FeatureCache | None = None
+    work_dir: Path | None = None
+    if config.cache != "none":
+        if config.cache == "disk" and config.cache_dir is None:
+            work_dir = Path(tempfile.mkdtemp(prefix="blockscale-cache-"))
+        cache = FeatureCache.build(
+            decomposition,
+            dataset,
+            mode=config.cache,
+            dtype=config.cache_dtype,
+            directory=Path(config.cache_dir) if config.cache_dir else work_dir,
+            memory_limit_mb=config.memory_limit_mb,
+            progress=progress,
+        )
+    cache_seconds = time.perf_counter() - cache_start
+    report = RetrainReport(
+        cache=config.cache
+        if cache is None
+        else ("disk" if cache.nbytes and _on_disk(cache) else "memory"),
+        cache_bytes=cache.nbytes if cache else 0,
+        cache_seconds=cache_seconds,
+        train_seconds=0.0,
+        samples=n,
+    )
+
+    def batches(indices: torch.Tensor, shuffle: bool, epoch: int):
+        if shuffle:
+            g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            indices = indices[torch.randperm(len(indices), generator=g)]
+        for start in range(0, len(indices), config.batch_size):
+            yield indices[start : start + config.batch_size]
+
+    def pairs_for(batch: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if cache is not None:
+            return [cache.pair(b, batch) for b in range(plan.num_blocks)]
+        images = torch.stack([dataset[int(i)][0] for i in batch])
+        return _teacher_pairs(decomposition, images)
+
+    val_batches = [pairs_for(b) for b in batches(val_idx, False, 0)] if n_val else []
+    trainable = [[d for d in family if d.info.sparsity > 0] for family in descendants]
+    states = {}
+    optimizers = {}
+    for family in trainable:
+        for d in family:
+            torch.manual_seed(config.seed + 7919 * d.info.block + d.info.index)
+            optimizers[d.info.key] = torch.optim.Adam(
+                d.module.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            )
+    for b, family in enumerate(descendants):
+        block_val = [pairs[b] for pairs in val_batches]
+        before = [_val_mse(d.module, block_val) if block_val else math.nan for d in family]
+        report.val_mse_before.append(before)
+        report.val_mse_after.append(list(before))
+        report.best_epoch.append([0] * len(family))
+        report.history.append([[] for _ in family])
+        for i, d in enumerate(family):
+            states[d.info.key] = (before[i], copy.deepcopy(d.module.state_dict()))
+
+    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    train_start = time.perf_counter()
+    with progress_bar(
+        "retrain blocks", config.epochs * steps_per_epoch, enabled=progress
+    ) as advance:
+        for epoch in range(1, config.epochs + 1):
+            for family in trainable:
+                for d in family:
+                    d.module.train()
+            running = 0.0
+            for step, batch in enumerate(batches(train_idx, True, epoch), start=1):
+                pairs = pairs_for(batch)
+                loss_sum = 0.0
+                for b, family in enumerate(trainable):
+                    x, y = pairs[b]
+                    for d in family:
+                        opt = optimizers[d.info.key]
+                        opt.zero_grad(set_to_none=True)
+                        loss = nn.functional.mse_loss(d.module(x), y)
+                        loss.backward()
+                        opt.step()
+                        loss_sum += loss.item()
+                running += loss_sum
+                advance(epoch=epoch, mse=running / step / max(1, sum(map(len, trainable))))
+            if not val_batches:
+                continue  # without validation data the last state is kept
+            for b, family in enumerate(descendants):
+                block_val = [pairs[b] for pairs in val_batches]
+                for i, d in enumerate(family):
+                    if d.info.sparsity == 0:
+                        continue
+                    mse = _val_mse(d.module, block_val)
+                    report.history[b][i].append(mse)
+                    if mse < states[d.info.key][0]:
+                        states[d.info.key] = (mse, copy.deepcopy(d.module.state_dict()))
+                        report.val_mse_after[b][i] = mse
+                        report.best_epoch[b][i] = epoch
+    report.train_seconds = time.perf_counter() - train_start
+    for family in descendants:
+        for d in family:
+            if val_batches:
+                d.module.load_state_dict(states[d.info.key][1])
+            d.module.eval()
+    if work_dir is not None:
+        del cache
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return report
+
+
+def _on_disk(cache: FeatureCache) -> bool:
+    return any(isinstance(a, np.ndarray) for a in cache._arrays)
