@@ -313,6 +313,127 @@ def _bank_summary(bank: Any) -> dict[str, Any]:
     }
 
 
+@app.command()
+def build(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bank directory to write.")],
+    model: ModelOpt = None,
+    checkpoint: CheckpointOpt = None,
+    dataset: DatasetOpt = "fashion-mnist",
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding the data set.")] = None,
+    blocks: BlocksOpt = None,
+    sparsities: SparsitiesOpt = "0,0.2,0.4,0.6,0.8,0.9",
+    round_to: Annotated[
+        int | None, typer.Option(help="Round kept channels up to a multiple of this.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Retraining epochs per descendant.")] = 10,
+    lr: Annotated[float, typer.Option(help="Retraining learning rate (Adam).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Retraining batch size.")] = 64,
+    retrain_samples: Annotated[int, typer.Option(help="Training images for retraining.")] = 10_000,
+    profile_samples: Annotated[
+        int, typer.Option(help="Held-out training images for accuracy drops.")
+    ] = 2_000,
+    validate_samples: Annotated[
+        int, typer.Option(help="Random selections measured to check the estimate (0: skip).")
+    ] = 20,
+    target: Annotated[str, typer.Option(help="Latency target, e.g. torch-1t.")] = "torch-1t",
+    cache: Annotated[str, typer.Option(help="Feature cache: auto, memory, disk or none.")] = "auto",
+    fp16_cache: Annotated[bool, typer.Option(help="Cache features as float16.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bank.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a bank: extract, derive, retrain, profile, validate; resumes an interrupted build."""
+    from .build import BuildConfig
+    from .build import build as build_bank
+    from .data import load_dataset
+    from .profile import ProfileConfig
+    from .retrain import RetrainConfig
+    from .types import DeriveConfig
+
+    def run() -> Any:
+        chosen = checkpoint
+        if chosen is None and model is not None:
+            shipped = Path("checkpoints") / f"{model}-{dataset}.safetensors"
+            if not shipped.is_file():
+                raise BlockscaleError(
+                    f"no trained {model} teacher for {dataset}",
+                    hint=f"train one: blockscale train --model {model} --dataset {dataset} "
+                    f"--out {shipped}, or pass --checkpoint",
+                )
+            chosen = shipped
+        net, shape, description = _teacher(None, chosen, dataset, None)
+        config = BuildConfig(
+            derive=DeriveConfig(sparsities=_floats(sparsities, "--sparsities"), round_to=round_to),
+            retrain=RetrainConfig(
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                cache=cache,
+                cache_dtype="float16" if fp16_cache else "float32",
+            ),
+            profile=ProfileConfig(),
+            target=target,
+            retrain_samples=retrain_samples,
+            profile_samples=profile_samples,
+            validate_samples=validate_samples,
+            seed=seed,
+            blocks=tuple(b.strip() for b in blocks.split(",")) if blocks else None,
+        )
+        train_set = load_dataset(description.get("dataset", dataset), "train", root=data_root)
+        log = (lambda text: None) if as_json else _err.print
+        return build_bank(
+            net,
+            train_set,
+            out,
+            config,
+            teacher_info=description,
+            input_shape=shape,
+            overwrite=overwrite,
+            progress=not as_json,
+            log=log,
+        )
+
+    try:
+        bank = _run(run)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _show_bank(bank, as_json)
+
+
+def _show_profile(bank: Any) -> None:
+    """Tables of accuracy drop and latency per descendant, and the estimate's validation."""
+    profiles = bank.profile
+    sparsities = bank.derive_config.sparsities
+    for target in profiles.targets:
+        table = Table(
+            "#",
+            "block",
+            *[f"s={s:g}" for s in sparsities],
+            title=f"accuracy drop (points) / latency (ms) on {target}",
+        )
+        for info, family in zip(bank.plan.blocks, profiles.descendants, strict=True):
+            cells = [
+                f"{100 * p.accuracy_drop:.1f}/{p.latency_ms.get(target, float('nan')):.2f}"
+                for p in family
+            ]
+            table.add_row(str(info.index), info.name, *cells)
+        _out.print(table)
+        frame_ms = profiles.frame.latency_ms.get(target, float("nan"))
+        _out.print(
+            f"teacher accuracy {profiles.teacher_accuracy:.2%} on {profiles.val_samples} held-out "
+            f"images; frame {frame_ms:.2f} ms"
+        )
+        check = profiles.validation.get(target)
+        if check:
+            _out.print(
+                f"additive estimate on {check['samples']} random selections: accuracy MAE "
+                f"{check['accuracy_mae_points']:.2f} points (Spearman "
+                f"{check['accuracy_spearman']:.3f}), latency MAPE "
+                f"{check['latency_mape_percent']:.1f}% (Spearman {check['latency_spearman']:.3f})"
+            )
+
+
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
@@ -345,6 +466,8 @@ def _show_bank(bank: Any, as_json: bool) -> None:
             f"{bank.plan.num_blocks} blocks x {len(sparsities)} descendants = "
             f"{summary['options']:,} models; {summary['bytes'] / 2**20:.2f} MiB on disk"
         )
+        if "profiles" in bank.manifest:
+            _show_profile(bank)
 
     _emit(summary, as_json, render)
 
