@@ -15,7 +15,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +59,8 @@ class RetrainConfig:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.cache not in ("auto", "memory", "disk", "none"):
             raise ValueError(f"cache must be auto, memory, disk or none, got {self.cache!r}")
+        if self.cache_dtype not in ("float32", "float16"):
+            raise ValueError(f"cache_dtype must be float32 or float16, got {self.cache_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,8 +261,13 @@ def retrain(
     config: RetrainConfig | None = None,
     *,
     progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> RetrainReport:
-    """Distill every pruned descendant in place against the teacher's block features."""
+    """Distill every pruned descendant in place against the teacher's block features.
+
+    ``on_epoch(epoch, train_seconds)`` runs after each epoch (its own time is not counted), for
+    instance to evaluate the descendants as they train.
+    """
     config = config or RetrainConfig()
     plan = decomposition.plan
     n = len(dataset)
@@ -330,6 +337,7 @@ def retrain(
 
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     train_start = time.perf_counter()
+    excluded = 0.0
     with progress_bar(
         "retrain blocks", config.epochs * steps_per_epoch, enabled=progress
     ) as advance:
@@ -352,20 +360,22 @@ def retrain(
                         loss_sum += loss.item()
                 running += loss_sum
                 advance(epoch=epoch, mse=running / step / max(1, sum(map(len, trainable))))
-            if not val_batches:
-                continue  # without validation data the last state is kept
             for b, family in enumerate(descendants):
                 block_val = [pairs[b] for pairs in val_batches]
                 for i, d in enumerate(family):
-                    if d.info.sparsity == 0:
-                        continue
+                    if d.info.sparsity == 0 or not block_val:
+                        continue  # without validation data the last state is kept
                     mse = _val_mse(d.module, block_val)
                     report.history[b][i].append(mse)
                     if mse < states[d.info.key][0]:
                         states[d.info.key] = (mse, copy.deepcopy(d.module.state_dict()))
                         report.val_mse_after[b][i] = mse
                         report.best_epoch[b][i] = epoch
-    report.train_seconds = time.perf_counter() - train_start
+            if on_epoch is not None:
+                paused = time.perf_counter()
+                on_epoch(epoch, paused - train_start - excluded)
+                excluded += time.perf_counter() - paused
+    report.train_seconds = time.perf_counter() - train_start - excluded
     for family in descendants:
         for d in family:
             if val_batches:

@@ -56,8 +56,8 @@ def _loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> 
 def evaluate(
     model: nn.Module, dataset: Dataset, *, batch_size: int = 256, progress: bool = False
 ) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset``, in [0, 1]."""
-    was_training = model.training
+    """Top-1 accuracy of ``model`` on ``dataset``, in [0, 1]; every layer's mode is restored."""
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     correct = total = 0
     loader = _loader(dataset, batch_size, shuffle=False)
@@ -66,7 +66,8 @@ def evaluate(
             correct += (model(images).argmax(1) == labels).sum().item()
             total += labels.numel()
             advance()
-    model.train(was_training)
+    for module, mode in modes.items():
+        module.training = mode
     return correct / max(total, 1)
 
 
