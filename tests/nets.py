@@ -161,3 +161,60 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model.eval()
+
+
+class TinyResBlock(nn.Module):
+    """conv-bn-relu-conv-bn plus identity, then relu: one block with internal channels to prune."""
+
+    def __init__(self, c: int, hidden: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(c, hidden),
+            nn.Conv2d(hidden, c, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+class TinyResNet(nn.Module):
+    """Stem, two residual blocks and a linear head: the smallest teacher with two blocks."""
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 4, width: int = 4, hidden: int = 8
+    ) -> None:
+        super().__init__()
+        self.stem = conv_bn(in_channels, width)
+        self.res1 = TinyResBlock(width, hidden)
+        self.res2 = TinyResBlock(width, hidden)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.res2(self.res1(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_resnet(seed: int = 0, **kwargs: int) -> TinyResNet:
+    """A seeded :class:`TinyResNet` with randomised batch-norm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    return randomise_bn(TinyResNet(**kwargs), seed=seed)
+
+
+def calibrate_bn(model: nn.Module, dataset) -> nn.Module:
+    """Set every batch norm's running statistics to those of ``dataset`` (as a trained net has).
+
+    With statistics that match the data, a block's train-mode and eval-mode outputs agree, so
+    retraining a pruned copy of it can lower its validation error.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return model.eval()

@@ -88,7 +88,9 @@ def _stage_bank(root: Path, stage: str, config: BuildConfig) -> Bank | None:
         bank = Bank.open(path)
     except BankError:
         return None
-    return bank if bank.manifest.get("build") == config.to_dict() else None
+    # compare as JSON: the manifest holds lists where the config holds tuples (sparsities)
+    wanted = json.loads(json.dumps(config.to_dict()))
+    return bank if bank.manifest.get("build") == wanted else None
 
 
 def build(

@@ -311,6 +311,8 @@ def validate(
     Returns the accuracy MAE (points) and Spearman correlation, the latency MAPE (%) and Spearman
     correlation, and every measured selection.
     """
+    if samples < 1:
+        raise ValueError(f"validate needs at least one sample, got {samples}")
     config = config or ProfileConfig()
     rng = random.Random(seed)
     plan = decomposition.plan

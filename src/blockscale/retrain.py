@@ -269,6 +269,33 @@ def retrain(
     instance to evaluate the descendants as they train.
     """
     config = config or RetrainConfig()
+    work_dir: Path | None = None
+    if config.cache in ("disk", "auto") and config.cache_dir is None:
+        work_dir = Path(tempfile.mkdtemp(prefix="blockscale-cache-"))
+    try:
+        return _distill(
+            decomposition,
+            descendants,
+            dataset,
+            config,
+            Path(config.cache_dir) if config.cache_dir else work_dir,
+            progress,
+            on_epoch,
+        )
+    finally:
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _distill(
+    decomposition: Decomposition,
+    descendants: Sequence[Sequence[Descendant]],
+    dataset: Dataset,
+    config: RetrainConfig,
+    cache_dir: Path | None,
+    progress: bool,
+    on_epoch: Callable[[int, float], None] | None,
+) -> RetrainReport:
     plan = decomposition.plan
     n = len(dataset)
     generator = torch.Generator().manual_seed(config.seed)
@@ -278,16 +305,13 @@ def retrain(
 
     cache_start = time.perf_counter()
     cache: FeatureCache | None = None
-    work_dir: Path | None = None
     if config.cache != "none":
-        if config.cache == "disk" and config.cache_dir is None:
-            work_dir = Path(tempfile.mkdtemp(prefix="blockscale-cache-"))
         cache = FeatureCache.build(
             decomposition,
             dataset,
             mode=config.cache,
             dtype=config.cache_dtype,
-            directory=Path(config.cache_dir) if config.cache_dir else work_dir,
+            directory=cache_dir,
             memory_limit_mb=config.memory_limit_mb,
             progress=progress,
         )
@@ -381,9 +405,6 @@ def retrain(
             if val_batches:
                 d.module.load_state_dict(states[d.info.key][1])
             d.module.eval()
-    if work_dir is not None:
-        del cache
-        shutil.rmtree(work_dir, ignore_errors=True)
     return report
 
 

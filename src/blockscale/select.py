@@ -1,0 +1,594 @@
+"""Exact selection: the most accurate descendant per block within a latency and memory budget.
+
+Estimates follow LegoDNN's additive model: accuracy is the teacher's minus the summed per-block
+drops, latency is the frame's plus the blocks', and memory is every weight byte plus the peak of the
+activations (blocks run one after another, so activation memory is a maximum, not a sum).
+
+``solve`` answers one budget by branch and bound; ``Selector`` computes a bank's Pareto set once so
+each later query is a few numpy operations; ``frontier`` lists the accuracy-latency trade-offs. All
+are exact, and ties go to lower latency, then lower memory, then the lexicographically smallest
+choices, so they agree with each other and with brute force.
+
+Costs are rounded on construction to binary grids (2**-32 for accuracy drops, 2**-20 ms for
+latencies, whole bytes for memory), far finer than any measurement, so every sum below is exact in
+float64 and no result depends on the order in which costs are added.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import InfeasibleBudgetError, ProfileError
+from .types import Budget, Profile, Selection
+
+_MIB = float(2**20)
+_DROP_STEPS = 2.0**32
+_LATENCY_STEPS = 2.0**20
+_EXACT = 2.0**53
+# solve enumerates the leading blocks outright while their combinations number at most this many;
+# bounds start at the first block after them (computing bounds costs more than it saves earlier).
+_RAW_STATES = 1296
+# solve looks for a feasible completion of this many of the most promising states.
+_PROBES = 8
+# stands for "no feasible selection known yet": above every finite bound, below +inf.
+_UNKNOWN = float(np.finfo(np.float64).max)
+# block size of the staircase sweep that removes dominated states in three costs.
+_SWEEP = 256
+
+_Arrays = tuple[np.ndarray, ...]
+
+
+class _Derived(NamedTuple):
+    """What every query needs from a table, worked out once when the table is made."""
+
+    rows: tuple[_Arrays, ...]  # per block: (drop, latency, weight, activation) of its descendants
+    blocks: tuple[_Arrays, ...]  # per block: its (drop, latency, weight) rows and its activations
+    least_latency: np.ndarray  # entry r: frame plus the fastest descendant of each block before r
+    least_weight: np.ndarray  # entry r: frame plus the lightest descendant of each block before r
+    floors: np.ndarray  # entry r: the least activation peak of blocks r.. and the frame
+    most_latency: float  # the slowest selection's latency
+    most_memory: float  # the largest selection's memory, in bytes
+    peaks: np.ndarray  # every activation peak a selection can have, ascending
+
+
+@dataclass(frozen=True, eq=False)
+class CostTable:
+    """The costs selection needs for one bank on one target, one row per block.
+
+    The arrays have shape ``(blocks, most descendants)``; the first ``sizes[b]`` entries of row ``b``
+    are real, the rest +inf. ``drop`` is in accuracy fractions, latencies in ms, memory in bytes.
+    Values are validated and rounded to exact grids on construction (see the module docstring).
+    """
+
+    drop: np.ndarray
+    latency_ms: np.ndarray
+    weight_bytes: np.ndarray
+    activation_bytes: np.ndarray
+    sizes: tuple[int, ...]
+    frame_latency_ms: float = 0.0
+    frame_weight_bytes: int = 0
+    frame_activation_bytes: int = 0
+    teacher_accuracy: float = 1.0
+    _derived: _Derived = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sizes = tuple(int(k) for k in self.sizes)
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"a cost table needs blocks with a descendant each, got sizes {sizes}")
+        real = np.arange(max(sizes)) < np.array(sizes)[:, None]
+        object.__setattr__(self, "sizes", sizes)
+        frame = {
+            "drop": self.teacher_accuracy,
+            "latency_ms": self.frame_latency_ms,
+            "weight_bytes": self.frame_weight_bytes,
+            "activation_bytes": self.frame_activation_bytes,
+        }
+        steps = {"drop": _DROP_STEPS, "latency_ms": _LATENCY_STEPS}
+        for name, frame_value in frame.items():
+            grid = steps.get(name, 1.0)
+            values = np.array(getattr(self, name), dtype=np.float64)
+            if values.shape != real.shape:
+                raise ValueError(
+                    f"CostTable.{name} must have shape {real.shape} for sizes {sizes}, "
+                    f"got {values.shape}"
+                )
+            own = values[real]
+            if not (np.isfinite(own).all() and math.isfinite(frame_value)):
+                raise ValueError(f"CostTable.{name} holds a value that is not finite")
+            if name != "drop" and (own.min() < 0 or frame_value < 0):
+                raise ValueError(f"CostTable.{name} holds a negative cost")
+            largest = np.abs(np.where(real, values, 0.0)).max(axis=1).sum() + abs(frame_value)
+            if largest * grid >= _EXACT:
+                raise ValueError(f"CostTable.{name} holds costs too large to add exactly")
+            values = np.where(real, np.round(values * grid) / grid, np.inf)
+            values.setflags(write=False)
+            object.__setattr__(self, name, values)
+        object.__setattr__(self, "teacher_accuracy", _snap(self.teacher_accuracy, _DROP_STEPS))
+        object.__setattr__(self, "frame_latency_ms", _snap(self.frame_latency_ms, _LATENCY_STEPS))
+        object.__setattr__(self, "frame_weight_bytes", round(self.frame_weight_bytes))
+        object.__setattr__(self, "frame_activation_bytes", round(self.frame_activation_bytes))
+        object.__setattr__(self, "_derived", self._derive(real))
+
+    def _derive(self, real: np.ndarray) -> _Derived:
+        """The budget-independent summaries that solve and Selector start from."""
+        fa = float(self.frame_activation_bytes)
+        rows = tuple(
+            (self.drop[b, :k], self.latency_ms[b, :k], self.weight_bytes[b, :k], ac[:k])
+            for b, (k, ac) in enumerate(zip(self.sizes, self.activation_bytes, strict=True))
+        )
+        floors = np.maximum.accumulate(self.activation_bytes.min(axis=1)[::-1])[::-1]
+        floors = np.maximum(np.append(floors, 0.0), fa)
+        acts = self.activation_bytes[real]
+        return _Derived(
+            rows=rows,
+            blocks=tuple((np.stack(row[:3], axis=1), row[3]) for row in rows),
+            least_latency=np.cumsum(np.append(self.frame_latency_ms, self.latency_ms.min(axis=1))),
+            least_weight=np.cumsum(
+                np.append(self.frame_weight_bytes, self.weight_bytes.min(axis=1))
+            ),
+            floors=floors,
+            most_latency=self.frame_latency_ms
+            + float(np.where(real, self.latency_ms, 0.0).max(axis=1).sum()),
+            most_memory=self.frame_weight_bytes
+            + float(np.where(real, self.weight_bytes, 0.0).max(axis=1).sum())
+            + max(fa, float(acts.max())),
+            peaks=np.unique(np.append(acts[acts > floors[0]], floors[0])),
+        )
+
+    @classmethod
+    def from_lists(
+        cls,
+        drop: Sequence[Sequence[float]],
+        latency_ms: Sequence[Sequence[float]],
+        weight_bytes: Sequence[Sequence[float]],
+        activation_bytes: Sequence[Sequence[float]],
+        *,
+        frame_latency_ms: float = 0.0,
+        frame_weight_bytes: int = 0,
+        frame_activation_bytes: int = 0,
+        teacher_accuracy: float = 1.0,
+    ) -> CostTable:
+        """Build a table from per-block lists (``drop[b][d]``); blocks may differ in length."""
+        columns = {
+            "drop": drop,
+            "latency_ms": latency_ms,
+            "weight_bytes": weight_bytes,
+            "activation_bytes": activation_bytes,
+        }
+        sizes = tuple(len(row) for row in drop)
+        padded = {}
+        for name, rows in columns.items():
+            if tuple(len(row) for row in rows) != sizes:
+                raise ValueError(
+                    f"{name} must list as many blocks and descendants as drop {sizes}, "
+                    f"got {tuple(len(row) for row in rows)}"
+                )
+            padded[name] = np.full((len(sizes), max(sizes, default=0)), np.inf)
+            for b, row in enumerate(rows):
+                padded[name][b, : len(row)] = row
+        return cls(
+            **padded,
+            sizes=sizes,
+            frame_latency_ms=frame_latency_ms,
+            frame_weight_bytes=frame_weight_bytes,
+            frame_activation_bytes=frame_activation_bytes,
+            teacher_accuracy=teacher_accuracy,
+        )
+
+    @classmethod
+    def from_profiles(
+        cls,
+        profiles: Sequence[Sequence[Profile]],
+        frame: Profile,
+        teacher_accuracy: float,
+        target: str,
+    ) -> CostTable:
+        """Collect a bank's costs on ``target`` from its profiles, ``profiles[b][d]``, and its frame's."""
+        everyone = [frame, *(p for block in profiles for p in block)]
+        for p in everyone:
+            if target not in p.latency_ms:
+                common = set.intersection(*(set(q.latency_ms) for q in everyone))
+                where = "the frame" if p.block == -1 else f"block {p.block} descendant {p.index}"
+                raise ProfileError(
+                    f"no latency on target {target!r} for {where}; targets profiled for every "
+                    f"block and the frame: {', '.join(sorted(common)) or 'none'}",
+                    hint=f"profile the bank on {target!r}, or select for a target it was profiled on",
+                )
+        for b, block in enumerate(profiles):
+            for d, p in enumerate(block):
+                if (p.block, p.index) != (b, d):
+                    raise ValueError(
+                        f"profiles[{b}][{d}] is block {p.block} descendant {p.index}; "
+                        "pass the profiles ordered by block, then by descendant"
+                    )
+        return cls.from_lists(
+            drop=[[p.accuracy_drop for p in block] for block in profiles],
+            latency_ms=[[p.latency_ms[target] for p in block] for block in profiles],
+            weight_bytes=[[p.weight_bytes for p in block] for block in profiles],
+            activation_bytes=[[p.activation_bytes for p in block] for block in profiles],
+            frame_latency_ms=frame.latency_ms[target],
+            frame_weight_bytes=frame.weight_bytes,
+            frame_activation_bytes=frame.activation_bytes,
+            teacher_accuracy=teacher_accuracy,
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        """How many blocks a selection chooses for."""
+        return len(self.sizes)
+
+    def estimate(self, choices: Sequence[int]) -> Selection:
+        """The additive estimate of one selection: accuracy, latency and memory."""
+        picks = tuple(int(c) for c in choices)
+        if len(picks) != self.num_blocks or any(
+            not 0 <= c < k for c, k in zip(picks, self.sizes, strict=True)
+        ):
+            raise ValueError(f"choices {picks} must pick one of {self.sizes} descendants per block")
+        at = (np.arange(self.num_blocks), np.array(picks))
+        peak = max(self.frame_activation_bytes, float(self.activation_bytes[at].max()))
+        memory = self.frame_weight_bytes + float(self.weight_bytes[at].sum()) + peak
+        return Selection(
+            choices=picks,
+            accuracy=self.teacher_accuracy - float(self.drop[at].sum()),
+            latency_ms=self.frame_latency_ms + float(self.latency_ms[at].sum()),
+            memory_mb=memory / _MIB,
+        )
+
+    def _caps(self, budget: Budget) -> tuple[float, float]:
+        """The budget as totals on the cost grids, clamped to the costliest selection (sums stay exact)."""
+        lat, mem = self._derived.most_latency, self._derived.most_memory
+        if budget.latency_ms is not None:
+            lat = min(lat, math.floor(budget.latency_ms * _LATENCY_STEPS) / _LATENCY_STEPS)
+        if budget.memory_mb is not None:
+            mem = min(mem, float(math.floor(budget.memory_mb * _MIB)))
+        return lat, mem
+
+
+def _snap(value: float, steps: float) -> float:
+    """``value`` rounded to the nearest multiple of ``1 / steps``."""
+    return round(value * steps) / steps
+
+
+def solve(table: CostTable, budget: Budget) -> Selection:
+    """The most accurate selection within ``budget``, found exactly by branch and bound."""
+    lat_cap, mem_cap = table._caps(budget)
+    choices = _branch_and_bound(table, lat_cap, mem_cap)
+    if choices is None:
+        raise _infeasible(budget, *_limits(table, lat_cap, mem_cap))
+    return table.estimate(choices)
+
+
+def frontier(table: CostTable, memory_mb: float | None = None) -> list[Selection]:
+    """The exact accuracy-latency Pareto frontier, by latency, optionally within ``memory_mb``."""
+    return Selector(table).frontier(memory_mb)
+
+
+class Selector:
+    """A bank's Pareto set in accuracy, latency and memory, computed once for fast re-selection.
+
+    Every budget's best selection lies in that set (about a thousand selections for 9 blocks of 6),
+    so each ``select`` is a mask and an argmax over it: cheap enough to run on every budget change.
+    """
+
+    def __init__(self, table: CostTable) -> None:
+        self.table = table
+        choices = np.concatenate([_cap_front(table, cap) for cap in table._derived.peaks])
+        choices = choices[np.lexsort(choices.T[::-1])]
+        at = (np.arange(table.num_blocks), choices)
+        drop = table.drop[at].sum(axis=1)
+        latency = table.frame_latency_ms + table.latency_ms[at].sum(axis=1)
+        peak = np.maximum(table.activation_bytes[at].max(axis=1), table.frame_activation_bytes)
+        memory = table.frame_weight_bytes + table.weight_bytes[at].sum(axis=1) + peak
+        kept = _undominated3(drop, latency, memory)
+        kept = kept[np.lexsort((memory[kept], latency[kept], drop[kept]))]
+        self._choices, self._drop = choices[kept], drop[kept]
+        self._latency, self._memory = latency[kept], memory[kept]
+
+    def __len__(self) -> int:
+        """How many selections the Pareto set holds."""
+        return len(self._drop)
+
+    def select(self, budget: Budget) -> Selection:
+        """The most accurate selection within ``budget``; always the same as ``solve``'s."""
+        lat_cap, mem_cap = self.table._caps(budget)
+        fits = (self._latency <= lat_cap) & (self._memory <= mem_cap)
+        first = int(fits.argmax())
+        if not fits[first]:
+            raise _infeasible(
+                budget,
+                float(self._latency.min()),
+                float(self._memory.min()),
+                float(self._latency[self._memory <= mem_cap].min(initial=math.inf)),
+                float(self._memory[self._latency <= lat_cap].min(initial=math.inf)),
+            )
+        return self._selection(first)
+
+    def frontier(self, memory_mb: float | None = None) -> list[Selection]:
+        """The accuracy-latency Pareto frontier, by latency, optionally within ``memory_mb``."""
+        _, mem_cap = self.table._caps(Budget(memory_mb=memory_mb))
+        inside = np.flatnonzero(self._memory <= mem_cap)
+        order = np.lexsort((self._drop[inside], self._latency[inside]))
+        kept = inside[order[_staircase(self._drop[inside][order])]]
+        return [self._selection(i) for i in kept]
+
+    def _selection(self, i: int) -> Selection:
+        """Pareto point ``i`` as a Selection (the same numbers ``table.estimate`` gives: sums are exact)."""
+        return Selection(
+            choices=tuple(self._choices[i].tolist()),
+            accuracy=self.table.teacher_accuracy - float(self._drop[i]),
+            latency_ms=float(self._latency[i]),
+            memory_mb=float(self._memory[i]) / _MIB,
+        )
+
+
+def _staircase(values: np.ndarray) -> np.ndarray:
+    """Mask of the values below every earlier one (the Pareto staircase of points sorted by key)."""
+    keep = np.empty(len(values), dtype=bool)
+    keep[:1] = True
+    keep[1:] = values[1:] < np.minimum.accumulate(values)[:-1]
+    return keep
+
+
+def _branch_and_bound(table: CostTable, lat_cap: float, mem_cap: float) -> tuple[int, ...] | None:
+    """The best choices within the caps (drop, then latency, memory, choices), or None if none fit.
+
+    States are prefixes (the first r blocks chosen) as rows (drop, latency, weight, peak), kept in
+    lexicographic order of their choices. A state survives while a lower bound on its best
+    completion's drop (the larger of two exact bounds, from the remaining blocks' Pareto fronts in
+    drop-latency and drop-weight) is at most the drop of a feasible selection found so far, and
+    while no other state is as good in every cost.
+    """
+    derived = table._derived
+    n = len(derived.rows)
+    start = int(np.searchsorted(np.cumprod(table.sizes), _RAW_STATES, side="right"))
+    fronts = _suffix_fronts(table, start, lat_cap, mem_cap)
+    if fronts is None:
+        return None
+    state = np.array(
+        [[0.0, table.frame_latency_ms, table.frame_weight_bytes, table.frame_activation_bytes]]
+    )
+    links = [np.zeros(1, dtype=np.intp)]
+    best = _UNKNOWN
+    for r in range(n + 1):
+        if r >= start:
+            drop, lat, weight, peak = state.T
+            room = mem_cap - weight - np.maximum(peak, derived.floors[r])
+            lat_front, mem_front = fronts[r - start]
+            bound = drop + np.maximum(_least(lat_front, lat_cap - lat), _least(mem_front, room))
+            if r < n and (r == start or best == _UNKNOWN):
+                best = min(best, _probe(state, bound, fronts[r - start], lat_cap, mem_cap))
+            keep = (bound <= best).nonzero()[0]
+            if len(keep) > 1:
+                keep = keep[_undominated4(state[keep])]
+            if not len(keep):
+                return None
+            state = state[keep]
+            links[-1] = links[-1][keep]
+        if r == n:
+            break
+        costs, act = derived.blocks[r]
+        grown = np.empty((len(state), len(act), 4))
+        np.add(state[:, None, :3], costs, out=grown[:, :, :3])
+        np.maximum(state[:, None, 3:], act[:, None], out=grown[:, :, 3:])
+        state = grown.reshape(-1, 4)
+        links.append(np.arange(len(state)))
+    drop, lat, weight, peak = state.T
+    at = int(np.lexsort((weight + peak, lat, drop))[0])
+    choices = []
+    for r in range(n - 1, -1, -1):
+        at, choice = divmod(int(links[r + 1][at]), table.sizes[r])
+        choices.append(choice)
+    return tuple(reversed(choices))
+
+
+def _suffix_fronts(
+    table: CostTable, start: int, lat_cap: float, mem_cap: float
+) -> list[tuple[_Arrays, _Arrays]] | None:
+    """For each r >= start, the Pareto fronts of blocks r.. in (latency, drop) and (weight, drop).
+
+    A front is (key, drop, latency, weight, peak) sorted by its key, each point one selection of
+    the remaining blocks; ``drop`` has an extra +inf in front (see ``_least``). Points that cannot
+    fit the caps even after the cheapest earlier blocks are left out. None when nothing fits.
+    """
+    derived = table._derived
+    zero = np.zeros(1)
+    lat_front = mem_front = (zero, np.array([np.inf, 0.0]), zero, zero, zero)
+    fronts = [(lat_front, mem_front)]
+    for r in range(len(derived.rows) - 1, start - 1, -1):
+        dr, la, wt, ac = derived.rows[r]
+        lat_front = _extend(lat_front, dr, la, wt, ac, la, lat_cap - derived.least_latency[r])
+        room = mem_cap - derived.floors[0] - derived.least_weight[r]
+        mem_front = _extend(mem_front, dr, la, wt, ac, wt, room)
+        if len(lat_front[0]) == 0 or len(mem_front[0]) == 0:
+            return None
+        fronts.append((lat_front, mem_front))
+    return fronts[::-1]
+
+
+def _extend(
+    front: _Arrays,
+    dr: np.ndarray,
+    la: np.ndarray,
+    wt: np.ndarray,
+    ac: np.ndarray,
+    costs: np.ndarray,
+    limit: float,
+) -> _Arrays:
+    """The front with one more leading block whose key costs are ``costs``, keys within ``limit``."""
+    key, drop, lat, weight, peak = front
+    keys = (costs[:, None] + key).ravel()
+    order = keys.argsort(kind="stable")
+    keys = keys[order]
+    order = order[: keys.searchsorted(limit, side="right")]
+    drops = (dr[:, None] + drop[1:]).ravel()[order]
+    keep = _staircase(drops)
+    choice, rest = np.divmod(order[keep], len(key))
+    return (
+        keys[: len(order)][keep],
+        np.append(np.inf, drops[keep]),
+        la[choice] + lat[rest],
+        wt[choice] + weight[rest],
+        np.maximum(ac[choice], peak[rest]),
+    )
+
+
+def _least(front: _Arrays, room: np.ndarray) -> np.ndarray:
+    """The least drop on ``front`` with key within each ``room`` (+inf where nothing fits)."""
+    return front[1][front[0].searchsorted(room, side="right")]
+
+
+def _probe(
+    state: np.ndarray,
+    bound: np.ndarray,
+    fronts: tuple[_Arrays, _Arrays],
+    lat_cap: float,
+    mem_cap: float,
+) -> float:
+    """The least drop of a feasible selection that completes a promising state with a front point."""
+    if len(bound) > _PROBES:
+        state = state[np.argpartition(bound, _PROBES)[:_PROBES]]
+    drop, lat, weight, peak = (column[:, None] for column in state.T)
+    best = _UNKNOWN
+    for _, f_drop, f_lat, f_weight, f_peak in fronts:
+        fits = (lat + f_lat <= lat_cap) & (weight + f_weight + np.maximum(peak, f_peak) <= mem_cap)
+        if fits.any():
+            best = min(best, float((drop + f_drop[1:])[fits].min()))
+    return best
+
+
+def _undominated4(state: np.ndarray) -> np.ndarray:
+    """Mask of the states (rows in lexicographic order) that no other state makes redundant.
+
+    A state is redundant when another is no worse in all four costs and either better in drop,
+    latency or weight or earlier; a lower peak alone does not count, as later blocks may hide it.
+    """
+    n = len(state)
+    order = np.arange(n)
+    keep = np.empty(n, dtype=bool)
+    for lo in range(0, n, _SWEEP):
+        part = state[lo : lo + _SWEEP]
+        covers = (state[:, None, :] <= part).all(axis=2)
+        ahead = (state[:, None, :3] < part[:, :3]).any(axis=2) | (
+            order[:, None] < order[lo : lo + _SWEEP]
+        )
+        keep[lo : lo + _SWEEP] = ~(covers & ahead).any(axis=0)
+    return keep
+
+
+def _undominated3(first: np.ndarray, second: np.ndarray, third: np.ndarray) -> np.ndarray:
+    """Ascending indices of the points no other point matches or beats in all three costs.
+
+    Of points equal in all three the earliest stays. Points are swept in order of ``first``, a
+    block at a time, against the staircase of (second, third) pairs kept so far.
+    """
+    order = np.lexsort((third, second, first))
+    second, third = second[order], third[order]
+    keep = np.empty(len(order), dtype=bool)
+    stair_s = stair_t = np.empty(0)
+    for lo in range(0, len(order), _SWEEP):
+        s, t = second[lo : lo + _SWEEP], third[lo : lo + _SWEEP]
+        hit = np.triu((s[:, None] <= s) & (t[:, None] <= t), 1).any(axis=0)
+        if len(stair_s):
+            at = np.searchsorted(stair_s, s, side="right") - 1
+            hit |= (at >= 0) & (stair_t[at] <= t)
+        keep[lo : lo + len(s)] = ~hit
+        stair_s = np.concatenate((stair_s, s[~hit]))
+        stair_t = np.concatenate((stair_t, t[~hit]))
+        step = np.lexsort((stair_t, stair_s))
+        stair_s, stair_t = stair_s[step], stair_t[step]
+        step = _staircase(stair_t)
+        stair_s, stair_t = stair_s[step], stair_t[step]
+    return np.sort(order[keep])
+
+
+def _cap_front(table: CostTable, cap: float) -> np.ndarray:
+    """Choices (one row each) of the selections with every peak within ``cap`` that no other such
+    selection matches or beats in drop, latency and weight."""
+    drop, lat = np.zeros(1), np.zeros(1)
+    weight = np.zeros(1)
+    links = []
+    for dr, la, wt, ac in table._derived.rows:
+        allowed = np.flatnonzero(ac <= cap)
+        drop = (drop[:, None] + dr[allowed]).ravel()
+        lat = (lat[:, None] + la[allowed]).ravel()
+        weight = (weight[:, None] + wt[allowed]).ravel()
+        keep = _undominated3(drop, lat, weight)
+        drop, lat, weight = drop[keep], lat[keep], weight[keep]
+        links.append((keep, allowed))
+    state = np.arange(len(drop))
+    columns = []
+    for keep, allowed in reversed(links):
+        state, choice = np.divmod(keep[state], len(allowed))
+        columns.append(allowed[choice])
+    return np.stack(columns[::-1], axis=1)
+
+
+def _limits(table: CostTable, lat_cap: float, mem_cap: float) -> tuple[float, float, float, float]:
+    """Exact least latency (ms) and memory (bytes) of any selection, then of any within the other cap.
+
+    For each possible activation peak, a Pareto staircase in (latency, weight) of the selections
+    within that peak holds every answer.
+    """
+    least = [math.inf] * 4
+    for cap in table._derived.peaks:
+        lat = np.full(1, table.frame_latency_ms)
+        weight = np.full(1, float(table.frame_weight_bytes))
+        for _, la, wt, ac in table._derived.rows:
+            allowed = ac <= cap
+            lat = (lat[:, None] + la[allowed]).ravel()
+            weight = (weight[:, None] + wt[allowed]).ravel()
+            order = np.lexsort((weight, lat))
+            order = order[_staircase(weight[order])]
+            lat, weight = lat[order], weight[order]
+        memory = weight + cap
+        found = (
+            lat[0],
+            memory[-1],
+            lat[memory <= mem_cap].min(initial=math.inf),
+            memory[lat <= lat_cap].min(initial=math.inf),
+        )
+        least = [min(a, float(b)) for a, b in zip(least, found, strict=True)]
+    return least[0], least[1], least[2], least[3]
+
+
+def _infeasible(
+    budget: Budget,
+    least_latency: float,
+    least_memory: float,
+    latency_within: float,
+    memory_within: float,
+) -> InfeasibleBudgetError:
+    """The error for a budget no selection meets: the least costs, and which budget to raise."""
+    asked = []
+    if budget.latency_ms is not None:
+        asked.append(f"latency <= {budget.latency_ms:g} ms")
+    if budget.memory_mb is not None:
+        asked.append(f"memory <= {budget.memory_mb:g} MB")
+    options = []
+    if math.isfinite(latency_within):
+        options.append(f"latency_ms to at least {_ceil(latency_within)}")
+    if math.isfinite(memory_within):
+        options.append(f"memory_mb to at least {_ceil(memory_within / _MIB)}")
+    hint = "raise " + (
+        " or ".join(options)
+        if options
+        else f"both latency_ms to at least {_ceil(least_latency)} "
+        f"and memory_mb to at least {_ceil(least_memory / _MIB)}"
+    )
+    return InfeasibleBudgetError(
+        f"no selection meets {' and '.join(asked)}: the fastest selection takes "
+        f"{least_latency:.4f} ms and the smallest needs {least_memory / _MIB:.4f} MB",
+        min_latency_ms=least_latency,
+        min_memory_mb=least_memory / _MIB,
+        hint=hint,
+    )
+
+
+def _ceil(value: float) -> str:
+    """``value`` rounded up to four decimals, so a budget raised to it suffices."""
+    return f"{math.ceil(value * 1e4) / 1e4:.4f}"

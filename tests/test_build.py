@@ -1,0 +1,201 @@
+import json
+
+import pytest
+import torch
+from nets import calibrate_bn, tiny_resnet
+
+import blockscale.build as build_module
+from blockscale.bank import Bank
+from blockscale.build import BuildConfig, build
+from blockscale.data import load_dataset
+from blockscale.derive import derive
+from blockscale.errors import BankError
+from blockscale.profile import ProfileConfig
+from blockscale.retrain import RetrainConfig
+from blockscale.types import DeriveConfig
+
+SPARSITIES = (0.0, 0.5)
+CONFIG = BuildConfig(
+    derive=DeriveConfig(sparsities=SPARSITIES),
+    retrain=RetrainConfig(epochs=2, lr=1e-2, batch_size=32, cache="memory"),
+    profile=ProfileConfig(warmup=1, repeats=2, batch_size=64),
+    retrain_samples=128,
+    profile_samples=32,
+    validate_samples=2,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", "train", n=160, num_classes=4, in_channels=1, size=8)
+
+
+def _teacher(data):
+    return calibrate_bn(tiny_resnet(), data)
+
+
+def _build(data, out, config=CONFIG, **kwargs):
+    logs = []
+    bank = build(_teacher(data), data, out, config, progress=False, log=logs.append, **kwargs)
+    return bank, logs
+
+
+def _work(out):
+    return out.with_name(f"{out.name}.build")
+
+
+def _weights(bank):
+    return {
+        (d.info.block, d.info.index): d.module.state_dict()
+        for family in bank.load_descendants()
+        for d in family
+    }
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert wa[key].keys() == wb[key].keys()
+        assert all(torch.equal(wa[key][k], wb[key][k]) for k in wa[key]), key
+
+
+def _fail(name):
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"{name} must not run")
+
+    return fail
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted build."""
+    out = tmp_path_factory.mktemp("reference") / "bank"
+    bank, logs = _build(data, out)
+    return out, bank, logs
+
+
+def test_full_build_writes_a_profiled_bank(data, reference):
+    out, _, logs = reference
+    opened = Bank.open(out)
+    assert opened.plan.num_blocks == 2
+    assert opened.derive_config.sparsities == SPARSITIES
+    profiles = opened.profile
+    assert [len(f) for f in profiles.descendants] == [2, 2]
+    assert all(p.latency_ms["torch-1t"] > 0 for f in profiles.descendants for p in f)
+    assert [f[0].accuracy_drop for f in profiles.descendants] == [0.0, 0.0]
+    assert profiles.val_samples == 32
+    assert profiles.validation["torch-1t"]["samples"] == 2
+    report = opened.manifest["retrain"]
+    assert report["samples"] == 128 and report["cache"] == "memory"
+    assert len(report["val_mse_after"]) == 2
+    assert all(
+        after <= before
+        for f_after, f_before in zip(report["val_mse_after"], report["val_mse_before"], strict=True)
+        for after, before in zip(f_after, f_before, strict=True)
+    )
+    assert set(opened.manifest["timings"]) == {"extract_derive", "retrain", "profile", "validate"}
+    assert BuildConfig.from_dict(opened.manifest["build"]) == CONFIG
+    assert not _work(out).exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bank"]
+    assert logs[-1].startswith(f"bank written to {out}")
+    assert not any("resuming" in line for line in logs)
+
+
+def test_build_retrains_the_pruned_descendants(data, reference):
+    _, bank, _ = reference
+    d = build_module.extract(_teacher(data), torch.zeros(1, 1, 8, 8))
+    fresh = derive(d, CONFIG.derive)
+    stored = _weights(bank)
+    for family in fresh:
+        for desc in family:
+            state = desc.module.state_dict()
+            same = all(
+                torch.equal(state[k], stored[desc.info.block, desc.info.index][k]) for k in state
+            )
+            assert same == (desc.info.sparsity == 0)
+
+
+def test_resume_after_a_failed_profile(data, reference, tmp_path, monkeypatch):
+    out = tmp_path / "bank"
+    monkeypatch.setattr(build_module, "profile", _fail("profile"))
+    with pytest.raises(RuntimeError, match="profile must not run"):
+        _build(data, out)
+    assert (_work(out) / "retrained").is_dir()
+    assert Bank.open(_work(out) / "retrained").manifest["retrain"]["samples"] == 128
+    assert not out.exists()
+
+    monkeypatch.undo()
+    for stage in ("extract", "derive", "retrain"):
+        monkeypatch.setattr(build_module, stage, _fail(stage))
+    bank, logs = _build(data, out)
+    assert f"resuming from {_work(out) / 'retrained'}" in logs
+    assert not _work(out).exists()
+    _assert_same_weights(bank, reference[1])
+    resumed, original = Bank.open(out), Bank.open(reference[0])
+    for key in ("val_mse_before", "val_mse_after", "history", "best_epoch"):
+        assert resumed.manifest["retrain"][key] == original.manifest["retrain"][key]
+    drops = [[p.accuracy_drop for p in f] for f in resumed.profile.descendants]
+    assert drops == [[p.accuracy_drop for p in f] for f in original.profile.descendants]
+
+
+def test_resume_after_a_failed_retrain(data, reference, tmp_path, monkeypatch):
+    out = tmp_path / "bank"
+    monkeypatch.setattr(build_module, "retrain", _fail("retrain"))
+    with pytest.raises(RuntimeError, match="retrain must not run"):
+        _build(data, out)
+    assert (_work(out) / "derived").is_dir()
+    assert not (_work(out) / "retrained").exists()
+    assert not out.exists()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(build_module, "extract", _fail("extract"))
+    monkeypatch.setattr(build_module, "derive", _fail("derive"))
+    bank, logs = _build(data, out)
+    assert f"resuming from {_work(out) / 'derived'}" in logs
+    assert not _work(out).exists()
+    _assert_same_weights(bank, reference[1])
+
+
+def test_a_changed_config_does_not_resume_a_stale_stage(data, tmp_path, monkeypatch):
+    out = tmp_path / "bank"
+    monkeypatch.setattr(build_module, "profile", _fail("profile"))
+    with pytest.raises(RuntimeError):
+        _build(data, out)
+    assert (_work(out) / "retrained").is_dir()
+    monkeypatch.undo()
+
+    calls = []
+    original = build_module.retrain
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "retrain", spy)
+    changed = BuildConfig(
+        **{**vars(CONFIG), "retrain": RetrainConfig(**{**CONFIG.retrain.to_dict(), "epochs": 1})}
+    )
+    _, logs = _build(data, out, changed)
+    assert calls == [changed.retrain]
+    assert not any("resuming" in line for line in logs)
+    manifest = Bank.open(out).manifest
+    assert manifest["build"] == json.loads(json.dumps(changed.to_dict()))
+    assert all(len(h) == 1 for f in manifest["retrain"]["history"] for h in f[1:])
+    assert not _work(out).exists()
+
+
+def test_an_existing_output_is_kept_unless_overwritten(data, tmp_path):
+    out = tmp_path / "bank"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(BankError, match="already exists"):
+        _build(data, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert not _work(out).exists()
+
+    quick = BuildConfig(**{**vars(CONFIG), "validate_samples": 0})
+    bank, _ = _build(data, out, quick, overwrite=True)
+    assert not (out / "keep.txt").exists()
+    assert Bank.open(out).profile.validation == {}
+    assert "validate" not in bank.manifest["timings"]

@@ -1,0 +1,359 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nets import tiny_resnet
+from torch import fx, nn
+
+from blockscale.data import load_dataset
+from blockscale.derive import derive
+from blockscale.extract import compose, extract
+from blockscale.profile import (
+    BankProfile,
+    ProfileConfig,
+    add_target,
+    count_macs,
+    estimate,
+    peak_activation_bytes,
+    profile,
+    spearman,
+    summarize_validation,
+    validate,
+    weight_bytes,
+)
+from blockscale.targets import Target
+from blockscale.train import TrainConfig, evaluate, train
+from blockscale.types import DeriveConfig, Profile
+
+FAST = ProfileConfig(warmup=1, repeats=3, batch_size=64)
+SPARSITIES = (0.0, 0.5, 0.75)
+S = 4 * 8 * 8 * 4  # bytes of one 4x8x8 float32 feature map, the blocks' input and output
+H = 8 * 8 * 8 * 4  # bytes of one 8x8x8 feature map, inside an unpruned block
+
+
+# -- sizes, MACs and memory of single modules ----------------------------------------------------
+
+
+def test_count_macs_by_hand():
+    net = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),  # 6x4x4 outputs, 2*3*3 MACs each
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=3),  # 6x2x2 outputs, (6/3)*3*3 MACs each
+        nn.Flatten(),
+        nn.Linear(24, 5),  # 5 outputs, 24 MACs each
+    )
+    assert count_macs(net, (2, 4, 4)) == 96 * 18 + 24 * 18 + 5 * 24
+
+
+def test_count_macs_of_a_plain_matrix_product():
+    assert count_macs(nn.Linear(7, 3, bias=False), (7,)) == 21
+    assert count_macs(nn.ReLU(), (3, 8, 8)) == 0
+
+
+def test_weight_bytes_by_hand():
+    assert weight_bytes(nn.Conv2d(2, 3, 3)) == (2 * 3 * 9 + 3) * 4
+    # weight, bias, running mean and variance in float32, and an int64 batch counter
+    assert weight_bytes(nn.BatchNorm2d(3)) == 4 * 3 * 4 + 8
+    assert weight_bytes(nn.Linear(4, 4).half()) == 20 * 2
+    a = nn.Linear(4, 4, bias=False)
+    tied = nn.Sequential(a, nn.ReLU(), a)  # a tensor shared by two layers counts once
+    assert weight_bytes(tied) == 16 * 4
+
+
+class Residual(nn.Module):
+    def __init__(self, skip: bool = True) -> None:
+        super().__init__()
+        self.skip = skip
+        self.expand = nn.Conv2d(2, 4, 1)
+        self.project = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(F.relu(self.expand(x)))
+        return F.relu(x + y) if self.skip else F.relu(y)
+
+
+def test_peak_activation_of_a_residual_block_by_hand():
+    x, wide = 2 * 4 * 4 * 4, 4 * 4 * 4 * 4  # 128 and 256 bytes
+    # live after each step: x | x, expand | x, expand, relu | x, relu, project | x, project, add |
+    # add, relu: the input stays alive until the add
+    peak = max(x, x + wide, x + 2 * wide, x + wide + x, 3 * x, 2 * x)
+    assert peak_activation_bytes(fx.symbolic_trace(Residual()), (2, 4, 4)) == peak == 640
+    # without the shortcut the input dies after the first convolution
+    assert peak_activation_bytes(fx.symbolic_trace(Residual(skip=False)), (2, 4, 4)) == 2 * wide
+
+
+def test_peak_activation_of_an_opaque_module_is_its_larger_end():
+    assert peak_activation_bytes(nn.Conv2d(2, 6, 1), (2, 4, 4)) == 6 * 16 * 4
+    assert peak_activation_bytes(nn.AvgPool2d(2), (2, 4, 4)) == 2 * 16 * 4
+
+
+# -- profiling a bank ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bank():
+    kw = {"num_classes": 4, "in_channels": 1, "size": 8}
+    train_set = load_dataset("synthetic", "train", n=256, **kw)
+    val_set = load_dataset("synthetic", "test", n=128, **kw)
+    teacher = tiny_resnet()
+    train(
+        teacher, train_set, val_set, TrainConfig(epochs=3, batch_size=32, lr=0.05), progress=False
+    )
+    d = extract(teacher, torch.zeros(1, 1, 8, 8))
+    families = derive(d, DeriveConfig(sparsities=SPARSITIES))
+    profiles = profile(d, families, val_set, Target(), FAST, progress=False)
+    return teacher, d, families, val_set, profiles
+
+
+def test_teacher_accuracy_is_measured(bank):
+    teacher, _, _, val_set, profiles = bank
+    assert profiles.teacher_accuracy == evaluate(teacher, val_set) > 0.5
+    assert profiles.val_samples == len(val_set)
+
+
+def test_accuracy_drop_is_that_of_the_single_swap(bank):
+    _, d, families, val_set, profiles = bank
+    drops = []
+    for b, family in enumerate(families):
+        for desc, p in zip(family, profiles.descendants[b], strict=True):
+            assert (p.block, p.index) == (b, desc.info.index)
+            if desc.info.sparsity == 0:
+                assert p.accuracy_drop == 0.0
+                continue
+            blocks = list(d.blocks)
+            blocks[b] = desc.module
+            measured = evaluate(compose(d, blocks), val_set)
+            assert p.accuracy_drop == profiles.teacher_accuracy - measured
+            drops.append(p.accuracy_drop)
+    assert max(drops) > 0.05  # unretrained pruning hurts: the comparison is not vacuous
+
+
+def test_descendant_sizes(bank):
+    _, d, families, _, profiles = bank
+    for info, family, measured in zip(d.plan.blocks, families, profiles.descendants, strict=True):
+        for desc, p in zip(family, measured, strict=True):
+            assert p.params == sum(t.numel() for t in desc.module.parameters())
+            assert p.params == desc.info.num_params
+            assert p.weight_bytes == weight_bytes(desc.module)
+            assert p.macs == count_macs(desc.module, info.input_shape)
+            assert p.activation_bytes == peak_activation_bytes(desc.module, info.input_shape)
+            assert p.memory_bytes == p.weight_bytes + p.activation_bytes
+        # by hand: conv 4->h and h->4, 3x3 at 8x8, h = 8, 4, 2 hidden channels
+        assert [p.macs for p in measured] == [64 * 9 * 4 * h * 2 for h in (8, 4, 2)]
+        # peak inside the block: input, and the hidden map twice (the batch norm step)
+        assert [p.activation_bytes for p in measured] == [S + 2 * H, 3 * S, 3 * S]
+        assert [p.params for p in measured] == sorted((p.params for p in measured), reverse=True)
+
+
+def test_latency_is_keyed_by_target(bank):
+    *_, profiles = bank
+    every = [profiles.frame, *(p for fam in profiles.descendants for p in fam)]
+    assert all(set(p.latency_ms) == {"torch-1t"} for p in every)
+    assert all(p.latency_ms["torch-1t"] > 0 for p in every)
+    assert set(profiles.targets) == {"torch-1t"}
+    assert profiles.targets["torch-1t"]["name"] == "torch-1t"
+
+
+def test_frame_profile_excludes_the_blocks(bank):
+    teacher, d, _, _, profiles = bank
+    frame = profiles.frame
+    assert (frame.block, frame.accuracy_drop) == (-1, 0.0)
+    own = [teacher.stem, teacher.head]  # all the teacher has outside res1 and res2
+    assert (
+        frame.params == d.plan.frame_params == sum(p.numel() for m in own for p in m.parameters())
+    )
+    assert frame.weight_bytes == sum(weight_bytes(m) for m in own)
+    assert frame.weight_bytes == weight_bytes(teacher) - weight_bytes(nn.ModuleList(d.blocks))
+    assert frame.macs == 64 * 9 * 4 + 4 * 4  # stem conv 1->4 at 8x8, head 4->4
+    # the frame's steps: input (1x8x8), three stem layers, then each block in and out (4x8x8)
+    assert frame.activation_bytes == 2 * S
+
+
+def _profile(block, index, drop, weights, activation, ms):
+    return Profile(block, index, drop, 0, 0, weights, activation, {"t": ms})
+
+
+def test_estimate_adds_the_parts():
+    bp = BankProfile(
+        teacher_accuracy=0.9,
+        frame=_profile(-1, 0, 0.0, 1000, 500, 1.0),
+        descendants=[
+            [_profile(0, 0, 0.0, 4000, 300, 2.0), _profile(0, 1, 0.02, 2000, 200, 1.5)],
+            [_profile(1, 0, 0.0, 8000, 900, 3.0), _profile(1, 1, 0.05, 3000, 400, 2.5)],
+        ],
+    )
+    est = estimate(bp, [1, 0], "t")
+    assert est["accuracy"] == pytest.approx(0.9 - 0.02 - 0.0)
+    assert est["latency_ms"] == pytest.approx(1.0 + 1.5 + 3.0)
+    assert est["memory_mb"] == pytest.approx((1000 + 2000 + 8000 + 900) / 2**20)
+    est = estimate(bp, [1, 1], "t")
+    assert est["accuracy"] == pytest.approx(0.9 - 0.07)
+    assert est["latency_ms"] == pytest.approx(5.0)
+    assert est["memory_mb"] == pytest.approx((1000 + 2000 + 3000 + 500) / 2**20)  # frame's peak
+    with pytest.raises(KeyError):
+        estimate(bp, [0, 0], "other-target")
+
+
+def test_estimate_of_the_teacher_is_the_teacher(bank):
+    *_, profiles = bank
+    est = estimate(profiles, [0, 0], "torch-1t")
+    assert est["accuracy"] == profiles.teacher_accuracy
+    parts = [profiles.frame, profiles.descendants[0][0], profiles.descendants[1][0]]
+    assert est["latency_ms"] == pytest.approx(sum(p.latency_ms["torch-1t"] for p in parts))
+
+
+def test_validate_records(bank):
+    _, d, families, val_set, profiles = bank
+    result = validate(
+        profiles, d, families, val_set, Target(), samples=4, seed=3, config=FAST, progress=False
+    )
+    assert result["target"] == "torch-1t" and result["samples"] == 4
+    assert len(result["records"]) == 4
+    for record in result["records"]:
+        assert set(record) == {
+            "choices",
+            "estimated_accuracy",
+            "measured_accuracy",
+            "estimated_latency_ms",
+            "measured_latency_ms",
+        }
+        choices = record["choices"]
+        assert len(choices) == 2 and all(0 <= c < len(SPARSITIES) for c in choices)
+        est = estimate(profiles, choices, "torch-1t")
+        assert record["estimated_accuracy"] == est["accuracy"]
+        assert record["estimated_latency_ms"] == est["latency_ms"]
+        model = compose(d, [families[b][c].module for b, c in enumerate(choices)])
+        assert record["measured_accuracy"] == evaluate(model, val_set)
+        assert record["measured_latency_ms"] > 0
+    mae = (
+        100
+        * sum(abs(r["estimated_accuracy"] - r["measured_accuracy"]) for r in result["records"])
+        / 4
+    )
+    assert result["accuracy_mae_points"] == pytest.approx(mae)
+    assert result["latency_mape_percent"] >= 0 and result["seconds"] > 0
+    again = validate(
+        profiles, d, families, val_set, Target(), samples=4, seed=3, config=FAST, progress=False
+    )
+    assert [r["choices"] for r in again["records"]] == [r["choices"] for r in result["records"]]
+
+
+def test_unpruned_bank_estimates_accuracy_exactly(bank):
+    teacher, _, _, val_set, _ = bank
+    d = extract(teacher, torch.zeros(1, 1, 8, 8))
+    families = derive(d, DeriveConfig(sparsities=(0.0,)))
+    profiles = profile(d, families, val_set, Target(), FAST, progress=False)
+    assert all(p.accuracy_drop == 0.0 for fam in profiles.descendants for p in fam)
+    result = validate(
+        profiles, d, families, val_set, Target(), samples=3, config=FAST, progress=False
+    )
+    assert result["accuracy_mae_points"] == 0.0
+    assert all(r["measured_accuracy"] == profiles.teacher_accuracy for r in result["records"])
+    assert math.isnan(result["accuracy_spearman"])  # every estimate is the same
+
+
+def test_summarize_validation_by_hand():
+    records = [
+        {
+            "choices": [0],
+            "estimated_accuracy": 0.5,
+            "measured_accuracy": 0.4,
+            "estimated_latency_ms": 2.0,
+            "measured_latency_ms": 1.0,
+        },
+        {
+            "choices": [1],
+            "estimated_accuracy": 0.6,
+            "measured_accuracy": 0.6,
+            "estimated_latency_ms": 4.0,
+            "measured_latency_ms": 5.0,
+        },
+    ]
+    summary = summarize_validation(records, "t", 1.5)
+    assert summary["accuracy_mae_points"] == pytest.approx(5.0)
+    assert summary["latency_mape_percent"] == pytest.approx(60.0)
+    assert summary["accuracy_spearman"] == pytest.approx(1.0)
+    assert summary["latency_spearman"] == pytest.approx(1.0)
+    assert (summary["target"], summary["samples"], summary["seconds"]) == ("t", 2, 1.5)
+
+
+def test_add_target_keeps_accuracy(bank):
+    _, d, families, _, profiles = bank
+    copy = BankProfile.from_dict(profiles.to_dict())
+    extended = add_target(copy, d, families, Target(threads=2), FAST, progress=False)
+    assert set(extended.targets) == {"torch-1t", "torch-2t"}
+    old = [profiles.frame, *(p for fam in profiles.descendants for p in fam)]
+    new = [extended.frame, *(p for fam in extended.descendants for p in fam)]
+    for before, after in zip(old, new, strict=True):
+        assert set(after.latency_ms) == {"torch-1t", "torch-2t"}
+        assert after.latency_ms["torch-2t"] > 0
+        assert after.latency_ms["torch-1t"] == before.latency_ms["torch-1t"]
+        assert after.accuracy_drop == before.accuracy_drop
+        assert (after.params, after.macs, after.memory_bytes) == (
+            before.params,
+            before.macs,
+            before.memory_bytes,
+        )
+    assert extended.teacher_accuracy == profiles.teacher_accuracy
+
+
+def test_bank_profile_round_trip(bank):
+    *_, profiles = bank
+    data = json.loads(json.dumps(profiles.to_dict()))
+    assert BankProfile.from_dict(data) == profiles
+    with_validation = BankProfile.from_dict(data)
+    with_validation.validation["torch-1t"] = {"accuracy_spearman": float("nan"), "samples": 2}
+    text = json.dumps(with_validation.to_dict())
+    assert json.dumps(BankProfile.from_dict(json.loads(text)).to_dict()) == text
+
+
+# -- rank correlation ------------------------------------------------------------------------------
+
+
+def test_spearman_known_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [9, 7, 3, -1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 8, 27]) == pytest.approx(1.0)  # monotone, not linear
+    # ties take the average rank: [0, 1.5, 1.5, 3] against [0, 1, 2, 3]
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(math.sqrt(0.9))
+    assert math.isnan(spearman([1.0], [2.0]))
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def _reference_ranks(values):
+    return [sum(v < x for v in values) + (sum(v == x for v in values) - 1) / 2 for x in values]
+
+
+def _reference_spearman(a, b):
+    ra, rb = _reference_ranks(a), _reference_ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    if va == 0 or vb == 0:
+        return math.nan
+    return cov / math.sqrt(va * vb)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(-4, 4), st.floats(-1e3, 1e3, allow_nan=False)),
+        min_size=2,
+        max_size=25,
+    )
+)
+def test_spearman_matches_a_reference(pairs):
+    a = [float(x) for x, _ in pairs]  # few distinct values: many ties
+    b = [y for _, y in pairs]
+    expected = _reference_spearman(a, b)
+    got = spearman(a, b)
+    if math.isnan(expected):
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(expected, abs=1e-9)
+        assert spearman(b, a) == pytest.approx(expected, abs=1e-9)

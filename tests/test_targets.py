@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from blockscale.errors import BlockscaleError
+from blockscale.targets import Target, machine
+
+
+@pytest.mark.parametrize("threads", [1, 2, 16])
+def test_parse_round_trip(threads):
+    target = Target("torch", threads)
+    assert target.name == f"torch-{threads}t"
+    assert Target.parse(target.name) == target
+
+
+def test_parse_forgives_case_and_spaces():
+    assert Target.parse("  Torch-2T ") == Target("torch", 2)
+    assert Target() == Target.parse("torch-1t")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "torch", "torch-t", "torch-2", "torch2t", "torch--2t", "torch-2t-x", "2t", "t-1.5t"],
+)
+def test_unreadable_names(name):
+    with pytest.raises(BlockscaleError, match="cannot read the target") as info:
+        Target.parse(name)
+    assert "BACKEND-Nt" in info.value.hint
+
+
+@pytest.mark.parametrize("name", ["onnxruntime-1t", "tflite-2t", "cuda-1t"])
+def test_unknown_backends(name):
+    with pytest.raises(BlockscaleError, match="unknown backend") as info:
+        Target.parse(name)
+    assert "torch" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: Target.parse("torch-0t"),
+        lambda: Target(threads=0),
+        lambda: Target(threads=-2),
+        lambda: Target(backend="tvm"),
+    ],
+)
+def test_bad_targets(bad):
+    with pytest.raises(BlockscaleError):
+        bad()
+
+
+def test_to_dict():
+    data = Target("torch", 2).to_dict()
+    assert data["name"] == "torch-2t"
+    assert (data["backend"], data["threads"]) == ("torch", 2)
+    assert data["machine"] == machine() and "cores" in data["machine"]
+    json.dumps(data)
+
+
+class Spy(nn.Module):
+    """Records the thread count torch runs with and whether it is in inference mode."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fail = fail
+        self.seen: list[tuple[int, bool, tuple[int, ...]]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled(), x.shape))
+        if self.fail:
+            raise RuntimeError("broken")
+        return self.conv(x)
+
+
+def test_latency_runs_on_the_target_threads_and_restores_them():
+    before = torch.get_num_threads()
+    spy = Spy().train()
+    ms = Target("torch", before + 1).latency_ms(spy, (2, 6, 6), warmup=2, repeats=5)
+    assert ms > 0
+    assert len(spy.seen) == 7
+    assert set(spy.seen) == {(before + 1, True, torch.Size([1, 2, 6, 6]))}
+    assert not spy.training  # measured in eval mode
+    assert torch.get_num_threads() == before
+
+
+def test_thread_count_is_restored_after_a_failure():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="broken"):
+        Target("torch", before + 2).latency_ms(Spy(fail=True), (2, 4, 4), warmup=1, repeats=1)
+    assert torch.get_num_threads() == before
+
+
+def test_latency_grows_with_work():
+    small = nn.Conv2d(4, 4, 1)
+    large = nn.Sequential(*(nn.Conv2d(64, 64, 3, padding=1) for _ in range(4)))
+    target = Target()
+    fast = target.latency_ms(small, (4, 8, 8), warmup=2, repeats=9)
+    slow = target.latency_ms(large, (64, 32, 32), warmup=2, repeats=9)
+    assert 0 < fast < slow
