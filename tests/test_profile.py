@@ -1,6 +1,8 @@
+import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,6 +218,7 @@ def test_validate_records(bank):
     for record in result["records"]:
         assert set(record) == {
             "choices",
+            "summed_drop",
             "estimated_accuracy",
             "measured_accuracy",
             "estimated_latency_ms",
@@ -357,3 +360,33 @@ def test_spearman_matches_a_reference(pairs):
     else:
         assert got == pytest.approx(expected, abs=1e-9)
         assert spearman(b, a) == pytest.approx(expected, abs=1e-9)
+
+
+def test_drop_correction_recovers_a_compounding_curve():
+    from blockscale.profile import DropCorrection
+
+    summed = [0.0, 0.02, 0.05, 0.1, 0.2, 0.3]
+    measured = [0.8 * s + 1.5 * s * s for s in summed]
+    fit = DropCorrection.fit(summed, measured, upper=0.3)
+    assert fit.linear == pytest.approx(0.8) and fit.quadratic == pytest.approx(1.5)
+    assert fit(0.25) == pytest.approx(0.8 * 0.25 + 1.5 * 0.0625)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(-0.05, 1.0), st.floats(-0.05, 1.0)), min_size=0, max_size=12))
+def test_drop_correction_is_always_increasing(points):
+    from blockscale.profile import DropCorrection
+
+    fit = DropCorrection.fit([p[0] for p in points], [p[1] for p in points], upper=1.0)
+    grid = np.linspace(-0.05, 1.0, 50)
+    values = [fit(x) for x in grid]
+    assert all(b >= a - 1e-12 for a, b in itertools.pairwise(values))
+
+
+def test_corrected_errors_are_reported(bank):
+    _, d, families, val_set, profiles = bank
+    result = validate(
+        profiles, d, families, val_set, Target(), samples=5, seed=1, config=FAST, progress=False
+    )
+    assert result["corrected_accuracy_mae_points"] >= 0
+    assert set(result["correction"]) == {"linear", "quadratic"}

@@ -23,7 +23,7 @@ from .bank import Bank
 from .derive import derive
 from .errors import BankError
 from .extract import extract
-from .profile import ProfileConfig, profile, validate
+from .profile import DropCorrection, ProfileConfig, profile, validate
 from .retrain import RetrainConfig, retrain
 from .targets import Target
 from .types import DeriveConfig
@@ -184,6 +184,9 @@ def build(
             progress=progress,
         )
         timings["validate"] = time.perf_counter() - start
+        check = profiles.validation[target.name]
+        if check["corrected_accuracy_mae_points"] < check["accuracy_mae_points"]:
+            profiles.correction = DropCorrection(**check["correction"])  # it held out of sample
     bank = Bank.write(
         out,
         decomposition,

@@ -38,7 +38,7 @@ _PROBES = 8
 # stands for "no feasible selection known yet": above every finite bound, below +inf.
 _UNKNOWN = float(np.finfo(np.float64).max)
 # block size of the staircase sweep that removes dominated states in three costs.
-_SWEEP = 256
+_SWEEP = 128
 
 _Arrays = tuple[np.ndarray, ...]
 
@@ -353,16 +353,22 @@ def _branch_and_bound(table: CostTable, lat_cap: float, mem_cap: float) -> tuple
         [[0.0, table.frame_latency_ms, table.frame_weight_bytes, table.frame_activation_bytes]]
     )
     links = [np.zeros(1, dtype=np.intp)]
-    best = _UNKNOWN
+    best = (_UNKNOWN, _UNKNOWN)
     for r in range(n + 1):
         if r >= start:
             drop, lat, weight, peak = state.T
             room = mem_cap - weight - np.maximum(peak, derived.floors[r])
             lat_front, mem_front = fronts[r - start]
             bound = drop + np.maximum(_least(lat_front, lat_cap - lat), _least(mem_front, room))
-            if r < n and (r == start or best == _UNKNOWN):
+            tied = (bound == best[0]).nonzero()[0]
+            if r < n and (r == start or best[0] == _UNKNOWN or len(tied) > 1):
                 best = min(best, _probe(state, bound, fronts[r - start], lat_cap, mem_cap))
-            keep = (bound <= best).nonzero()[0]
+                tied = (bound == best[0]).nonzero()[0]
+            fits = bound <= best[0]
+            if len(tied) > 1 and best[0] < _UNKNOWN:
+                spare = best[0] - drop[tied]
+                fits[tied[lat[tied] + _fastest(lat_front, spare) > best[1]]] = False
+            keep = fits.nonzero()[0]
             if len(keep) > 1:
                 keep = keep[_undominated4(state[keep])]
             if not len(keep):
@@ -442,42 +448,58 @@ def _least(front: _Arrays, room: np.ndarray) -> np.ndarray:
     return front[1][front[0].searchsorted(room, side="right")]
 
 
+def _fastest(front: _Arrays, spare: np.ndarray) -> np.ndarray:
+    """The least latency on a latency front among points whose drop is within each ``spare``."""
+    at = (-front[1][1:]).searchsorted(-spare, side="left")
+    return np.append(front[2], np.inf)[at]
+
+
 def _probe(
     state: np.ndarray,
     bound: np.ndarray,
     fronts: tuple[_Arrays, _Arrays],
     lat_cap: float,
     mem_cap: float,
-) -> float:
-    """The least drop of a feasible selection that completes a promising state with a front point."""
+) -> tuple[float, float]:
+    """The least (drop, latency) of a feasible selection completing a promising state from a front."""
     if len(bound) > _PROBES:
         state = state[np.argpartition(bound, _PROBES)[:_PROBES]]
     drop, lat, weight, peak = (column[:, None] for column in state.T)
-    best = _UNKNOWN
+    best = (_UNKNOWN, _UNKNOWN)
     for _, f_drop, f_lat, f_weight, f_peak in fronts:
         fits = (lat + f_lat <= lat_cap) & (weight + f_weight + np.maximum(peak, f_peak) <= mem_cap)
         if fits.any():
-            best = min(best, float((drop + f_drop[1:])[fits].min()))
+            total, time = (drop + f_drop[1:])[fits], (lat + f_lat)[fits]
+            least = total.min()
+            best = min(best, (float(least), float(time[total == least].min())))
     return best
 
 
 def _undominated4(state: np.ndarray) -> np.ndarray:
-    """Mask of the states (rows in lexicographic order) that no other state makes redundant.
+    """Mask of the states (rows in lexicographic order of choices) no other state makes redundant.
 
     A state is redundant when another is no worse in all four costs and either better in drop,
     latency or weight or earlier; a lower peak alone does not count, as later blocks may hide it.
+    Every such rival sorts before it by (drop, latency, weight, peak, position), so a sweep in that
+    order, after dropping repeats, checks each state only against the states kept before it.
     """
     n = len(state)
-    order = np.arange(n)
-    keep = np.empty(n, dtype=bool)
+    order = np.lexsort(state.T[::-1])
+    ranked = state[order]
+    keep = np.zeros(n, dtype=bool)
+    keep[0] = True
+    keep[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
     for lo in range(0, n, _SWEEP):
-        part = state[lo : lo + _SWEEP]
-        covers = (state[:, None, :] <= part).all(axis=2)
-        ahead = (state[:, None, :3] < part[:, :3]).any(axis=2) | (
-            order[:, None] < order[lo : lo + _SWEEP]
-        )
-        keep[lo : lo + _SWEEP] = ~(covers & ahead).any(axis=0)
-    return keep
+        fresh = keep[lo : lo + _SWEEP].nonzero()[0] + lo
+        part, at = ranked[fresh], order[fresh]
+        rivals = np.concatenate((keep[:lo].nonzero()[0], fresh))
+        rows = ranked[rivals]
+        covers = (rows[:, None, :] <= part).all(axis=2)
+        ahead = (rows[:, None, :3] < part[:, :3]).any(axis=2) | (order[rivals][:, None] < at)
+        keep[fresh] = ~(covers & ahead).any(axis=0)
+    mask = np.empty(n, dtype=bool)
+    mask[order] = keep
+    return mask
 
 
 def _undominated3(first: np.ndarray, second: np.ndarray, third: np.ndarray) -> np.ndarray:
