@@ -16,6 +16,7 @@ recorded sha256 before it is parsed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +39,8 @@ from .derive import Descendant
 from .errors import BankCorruptError, BankError, BankVersionError, BlockscaleError, ProfileError
 from .extract import Decomposition, _swap_submodules, compose, slot_name
 from .profile import BankProfile
-from .types import BlockPlan, DeriveConfig, DescendantInfo
+from .select import CostTable, frontier, solve
+from .types import BlockPlan, Budget, DeriveConfig, DescendantInfo, Selection
 
 FORMAT = "blockscale-bank"
 SCHEMA_VERSION = 1
@@ -100,6 +102,41 @@ class Bank:
                 hint="build it with `blockscale build` (derive alone does not profile)",
             )
         return BankProfile.from_dict(data)
+
+    def target(self, target: str | None = None) -> str:
+        """``target`` checked against the profiled ones, or the first profiled target."""
+        targets = list(self.profile.targets)
+        if target is None:
+            return targets[0]
+        if target not in targets:
+            raise ProfileError(
+                f"the bank was not profiled on {target!r}; it was on {', '.join(targets)}",
+                hint=f"measure it: blockscale profile {self.path} --target {target}",
+            )
+        return target
+
+    def cost_table(self, target: str | None = None) -> CostTable:
+        """Every descendant's drop, latency on ``target``, weights and activations, for selection."""
+        profile = self.profile
+        return CostTable.from_profiles(
+            profile.descendants, profile.frame, profile.teacher_accuracy, self.target(target)
+        )
+
+    def _corrected(self, selection: Selection) -> Selection:
+        """``selection`` with its accuracy from the bank's fitted drop correction, if it has one."""
+        profile = self.profile
+        summed = profile.teacher_accuracy - selection.accuracy
+        return dataclasses.replace(selection, accuracy=profile.accuracy(summed))
+
+    def select(self, budget: Budget, target: str | None = None) -> Selection:
+        """The most accurate selection within ``budget`` on ``target`` (exact)."""
+        return self._corrected(solve(self.cost_table(target), budget))
+
+    def frontier(
+        self, target: str | None = None, memory_mb: float | None = None
+    ) -> list[Selection]:
+        """The exact accuracy-latency Pareto frontier on ``target``."""
+        return [self._corrected(s) for s in frontier(self.cost_table(target), memory_mb)]
 
     # -- writing -----------------------------------------------------------------------------
 

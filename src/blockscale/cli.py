@@ -493,23 +493,190 @@ def demo(
     ] = Path("checkpoints/resnet20-fashion-mnist.safetensors"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the built-in demo: ResNet-20 on Fashion-MNIST, from teacher to bank."""
+    """Run the built-in demo: ResNet-20 on Fashion-MNIST, from teacher to bank to selections."""
     from .demo import run_demo
 
-    log = (lambda text: None) if as_json else _out.print
-    summary = _run(lambda: run_demo(out, teacher=teacher, log=log))
+    log = (lambda text: None) if as_json else _err.print
+    summary = _run(lambda: run_demo(out, teacher=teacher, progress=not as_json, log=log))
 
     def render() -> None:
         from .bank import Bank
 
         _show_bank(Bank.open(summary["bank"]), as_json=False)
+        table = Table(
+            "budget ms",
+            "est. acc",
+            "test acc",
+            "est. ms",
+            "measured ms",
+            "MB",
+            "choices",
+            title=f"selections on {summary['target']} (test accuracy on "
+            f"{summary['test_images']} images; teacher {summary['teacher_test_accuracy']:.2%}, "
+            f"{summary['teacher_latency_ms']:.2f} ms)",
+        )
+        for row in summary["selections"]:
+            if "choices" not in row:
+                table.add_row(f"{row['budget_ms']:.2f}", "infeasible", "", "", "", "", "")
+                continue
+            table.add_row(
+                f"{row['budget_ms']:.2f}",
+                f"{row['estimated_accuracy']:.2%}",
+                f"{row['measured_accuracy']:.2%}",
+                f"{row['estimated_latency_ms']:.2f}",
+                f"{row['measured_latency_ms']:.2f}",
+                f"{row['memory_mb']:.2f}",
+                "".join(map(str, row["choices"])),
+            )
+        _out.print(table)
+        uniform = Table(
+            "uniform sparsity",
+            "test acc",
+            "measured ms",
+            title="model-level scaling: one sparsity in every block (measured)",
+        )
+        for row in summary["uniform"]:
+            uniform.add_row(
+                f"{row['sparsity']:g}",
+                f"{row['measured_accuracy']:.2%}",
+                f"{row['measured_latency_ms']:.2f}",
+            )
+        _out.print(uniform)
         _out.print(
-            f"sparsity-0 selection reproduces the teacher exactly: "
-            f"{summary['original_selection_reproduces_teacher']}; "
-            f"demo took {summary['seconds']:.0f} s; summary in {out / 'demo.json'}"
+            f"frontier plot: {summary['frontier_plot']}; summary: {out / 'demo.json'}; "
+            f"{summary['seconds']:.0f} s in all"
         )
 
     _emit(summary, as_json, render)
+
+
+@app.command("profile")
+def profile_cmd(
+    bank: Annotated[Path, typer.Argument(help="Bank directory.")],
+    target: Annotated[str, typer.Option(help="Target to measure, e.g. torch-2t.")],
+    repeats: Annotated[int, typer.Option(help="Timed runs per module (median).")] = 30,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure a bank's latencies on another target and add them (nothing is retrained)."""
+    from .bank import Bank
+    from .profile import ProfileConfig, add_target
+    from .targets import Target
+
+    def run() -> Any:
+        opened = Bank.open(bank)
+        chosen = Target.parse(target)
+        profiles = add_target(
+            opened.profile,
+            opened.decomposition(),
+            opened.load_descendants(),
+            chosen,
+            ProfileConfig(repeats=repeats),
+            progress=not as_json,
+        )
+        opened.update(profiles=profiles.to_dict())
+        return opened
+
+    opened = _run(run)
+    _show_bank(opened, as_json)
+
+
+def _budget(latency_ms: float | None, memory_mb: float | None) -> Any:
+    from .types import Budget
+
+    try:
+        return Budget(latency_ms=latency_ms, memory_mb=memory_mb)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def select(
+    bank: Annotated[Path, typer.Argument(help="Bank directory.")],
+    latency_ms: Annotated[
+        float | None, typer.Option("--latency-ms", help="Latency budget in ms (batch 1).")
+    ] = None,
+    memory_mb: Annotated[
+        float | None,
+        typer.Option("--memory-mb", help="Memory budget in MB (weights + peak activations)."),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Target whose latencies to use (default: the bank's first).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The most accurate selection within a latency and memory budget (exact)."""
+    from .bank import Bank
+
+    budget = _budget(latency_ms, memory_mb)
+
+    def run() -> Any:
+        opened = Bank.open(bank)
+        return opened, opened.target(target), opened.select(budget, target)
+
+    opened, used, chosen = _run(run)
+    data = {"bank": str(bank), "target": used, "budget": budget.to_dict(), **chosen.to_dict()}
+
+    def render() -> None:
+        table = Table("#", "block", "descendant", "sparsity", title=f"selection on {used}")
+        for info, d in zip(opened.plan.blocks, chosen.choices, strict=True):
+            table.add_row(
+                str(info.index), info.name, str(d), f"{opened.derive_config.sparsities[d]:g}"
+            )
+        _out.print(table)
+        _out.print(
+            f"estimated accuracy {chosen.accuracy:.2%}, latency {chosen.latency_ms:.3f} ms, "
+            f"memory {chosen.memory_mb:.3f} MB"
+        )
+
+    _emit(data, as_json, render)
+
+
+@app.command()
+def frontier(
+    bank: Annotated[Path, typer.Argument(help="Bank directory.")],
+    plot: Annotated[Path | None, typer.Option(help="Write the frontier as a PNG here.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target whose latencies to use.")] = None,
+    memory_mb: Annotated[
+        float | None, typer.Option("--memory-mb", help="Only selections within this memory.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The exact accuracy-latency Pareto frontier of a bank, as a table, JSON or plot."""
+    from .bank import Bank
+    from .plots import plot_frontier
+
+    def run() -> Any:
+        opened = Bank.open(bank)
+        used = opened.target(target)
+        return opened, used, opened.frontier(used, memory_mb)
+
+    opened, used, points = _run(run)
+    if plot is not None:
+        plot_frontier(
+            points, plot, title=f"{opened.plan.model}: accuracy-latency frontier", target=used
+        )
+    data = {"bank": str(bank), "target": used, "frontier": [p.to_dict() for p in points]}
+
+    def render() -> None:
+        table = Table(
+            "latency ms",
+            "accuracy",
+            "memory MB",
+            "choices",
+            title=f"{len(points)} Pareto-optimal selections on {used}",
+        )
+        for p in points:
+            table.add_row(
+                f"{p.latency_ms:.3f}",
+                f"{p.accuracy:.2%}",
+                f"{p.memory_mb:.3f}",
+                "".join(map(str, p.choices)),
+            )
+        _out.print(table)
+        if plot is not None:
+            _out.print(f"plot written to {plot}")
+
+    _emit(data, as_json, render)
 
 
 def main() -> None:

@@ -1,32 +1,57 @@
-"""The built-in demo: a small ResNet on Fashion-MNIST, from teacher to bank, in a few minutes."""
+"""The built-in demo: a small ResNet on Fashion-MNIST, from teacher to bank to selections.
+
+It builds a bank from the shipped teacher (or one trained in a minute when the checkpoint is
+absent), picks the best selection at several latency budgets, and measures each on the test set:
+estimated against measured accuracy and latency, next to uniform (model-level) sparsity.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._progress import progress_bar
-from .bank import Bank
+from .build import BuildConfig, build
 from .data import load_dataset, subset
-from .derive import derive
-from .extract import extract
+from .errors import InfeasibleBudgetError
 from .models import create_model, load_checkpoint, save_checkpoint
+from .plots import plot_frontier
+from .profile import ProfileConfig
+from .retrain import RetrainConfig
+from .targets import Target
 from .train import TrainConfig, evaluate, train
-from .types import DeriveConfig
+from .types import Budget
 
 DEFAULT_TEACHER = Path("checkpoints/resnet20-fashion-mnist.safetensors")
+BUDGET_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4)
 
 
-def _teacher(path: Path, out: Path, log: Any) -> tuple[torch.nn.Module, dict[str, Any], Path]:
+def demo_config() -> BuildConfig:
+    """Build settings small enough for a few minutes on two cores."""
+    return BuildConfig(
+        retrain=RetrainConfig(epochs=3, batch_size=64, lr=1e-3),
+        profile=ProfileConfig(warmup=10, repeats=30),
+        retrain_samples=3_000,
+        profile_samples=1_000,
+        validate_samples=12,
+    )
+
+
+def _teacher(path: Path, out: Path, log: Callable[[str], None]) -> tuple[torch.nn.Module, dict]:
     """The shipped teacher checkpoint, or a quickly trained one when it is absent."""
     if path.is_file():
         model, meta = load_checkpoint(path)
         log(f"teacher: {meta['model']} from {path}")
-        return model, meta, path
+        return model, {
+            "name": meta["model"],
+            "kwargs": meta["kwargs"],
+            "checkpoint": str(path),
+            **meta.get("extra", {}),
+        }
     log(f"teacher: {path} not found; training resnet20 for 1 epoch on 10,000 images")
     train_set = subset(load_dataset("fashion-mnist", "train", augment=True), 10_000)
     test_set = subset(load_dataset("fashion-mnist", "test"), 2_000)
@@ -36,57 +61,97 @@ def _teacher(path: Path, out: Path, log: Any) -> tuple[torch.nn.Module, dict[str
     target = out / "teacher.safetensors"
     extra = {"dataset": "fashion-mnist", "test_accuracy": result.test_accuracy}
     save_checkpoint(model, target, model_name="resnet20", model_kwargs=kwargs, extra=extra)
-    meta = {"model": "resnet20", "kwargs": kwargs, "extra": extra}
-    return model, meta, target
+    return model, {"name": "resnet20", "kwargs": kwargs, "checkpoint": str(target), **extra}
 
 
 def run_demo(
-    out: Path, *, teacher: Path = DEFAULT_TEACHER, test_images: int = 2_000, log: Any = print
+    out: Path,
+    *,
+    teacher: Path = DEFAULT_TEACHER,
+    config: BuildConfig | None = None,
+    test_images: int = 2_000,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Extract, derive and bank the default teacher; check the bank and report what it holds.
-
-    Writes ``out/bank`` and ``out/demo.json`` and returns the JSON summary.
-    """
+    """Build a bank, select at several budgets, measure; write ``out/`` and return the summary."""
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model, meta, teacher_path = _teacher(teacher, out, log)
+    model, description = _teacher(teacher, out, log)
+    train_set = load_dataset("fashion-mnist", "train")
     test_set = subset(load_dataset("fashion-mnist", "test"), test_images, seed=1)
-    example = test_set[0][0].unsqueeze(0)
+    config = config or demo_config()
+    bank = build(
+        model,
+        train_set,
+        out / "bank",
+        config,
+        teacher_info=description,
+        overwrite=True,
+        progress=progress,
+        log=log,
+    )
+    target = Target.parse(config.target)
+    shape = bank.plan.input_shape
 
-    decomposition = extract(model, example)
-    config = DeriveConfig()
-    total = decomposition.plan.num_blocks * len(config.sparsities)
-    with progress_bar("derive", total) as advance:
-        families = derive(decomposition, config, progress=lambda done, n: advance())
-    description = {
-        "name": meta["model"],
-        "kwargs": meta["kwargs"],
-        "checkpoint": str(teacher_path),
-        **meta.get("extra", {}),
-    }
-    bank = Bank.write(out / "bank", decomposition, families, teacher=description, overwrite=True)
-    bank = Bank.open(bank.path)
+    def measure(choices: tuple[int, ...]) -> tuple[float, float]:
+        composed = bank.compose(list(choices))
+        return evaluate(composed, test_set), target.latency_ms(composed, shape)
 
-    batch = torch.stack([test_set[i][0] for i in range(min(64, len(test_set)))])
-    with torch.no_grad():
-        exact = torch.equal(bank.compose([0] * bank.plan.num_blocks)(batch), model(batch))
+    teacher_accuracy, teacher_ms = measure(tuple([0] * bank.plan.num_blocks))
+    full = bank.cost_table().estimate([0] * bank.plan.num_blocks)
     rows = []
-    for index, sparsity in enumerate(config.sparsities):
-        composed = bank.compose([index] * bank.plan.num_blocks)
-        params = sum(p.numel() for p in composed.parameters())
-        accuracy = evaluate(composed, test_set)
-        rows.append({"sparsity": sparsity, "params": params, "accuracy": accuracy})
-        log(f"  uniform sparsity {sparsity:.1f}: {params:>8,} params, accuracy {accuracy:.2%}")
+    for fraction in BUDGET_FRACTIONS:
+        budget = Budget(latency_ms=fraction * full.latency_ms)
+        try:
+            chosen = bank.select(budget)
+        except InfeasibleBudgetError as exc:
+            rows.append({"budget_ms": budget.latency_ms, "infeasible": exc.message})
+            continue
+        accuracy, latency = measure(chosen.choices)
+        rows.append(
+            {
+                "budget_ms": budget.latency_ms,
+                "choices": list(chosen.choices),
+                "estimated_accuracy": chosen.accuracy,
+                "measured_accuracy": accuracy,
+                "estimated_latency_ms": chosen.latency_ms,
+                "measured_latency_ms": latency,
+                "memory_mb": chosen.memory_mb,
+            }
+        )
+    uniform = []
+    for index, sparsity in enumerate(bank.derive_config.sparsities):
+        accuracy, latency = measure(tuple([index] * bank.plan.num_blocks))
+        uniform.append(
+            {"sparsity": sparsity, "measured_accuracy": accuracy, "measured_latency_ms": latency}
+        )
+    frontier = bank.frontier()
+    plot = plot_frontier(
+        frontier,
+        out / "frontier.png",
+        title=f"{description['name']} on Fashion-MNIST: {len(frontier)} frontier selections",
+        target=target.name,
+        measured=[
+            (r["measured_latency_ms"], r["measured_accuracy"]) for r in rows if "choices" in r
+        ],
+        uniform=[(u["measured_latency_ms"], u["measured_accuracy"]) for u in uniform],
+        teacher=(teacher_ms, teacher_accuracy),
+    )
     summary = {
         "teacher": description,
         "bank": str(bank.path),
-        "blocks": bank.plan.num_blocks,
-        "descendants_per_block": len(config.sparsities),
-        "options": len(config.sparsities) ** bank.plan.num_blocks,
-        "bank_bytes": sum(r.bytes for r in bank.files.values()),
-        "original_selection_reproduces_teacher": exact,
-        "uniform_selections_before_retraining": rows,
+        "target": target.name,
+        "test_images": len(test_set),
+        "teacher_test_accuracy": teacher_accuracy,
+        "teacher_latency_ms": teacher_ms,
+        "options": len(bank.derive_config.sparsities) ** bank.plan.num_blocks,
+        "selections": rows,
+        "uniform": uniform,
+        "validation": bank.profile.validation.get(target.name, {}),
+        "frontier_plot": str(plot),
+        "timings": bank.manifest.get("timings", {}),
         "seconds": round(time.perf_counter() - start, 1),
     }
+    summary["validation"] = {k: v for k, v in summary["validation"].items() if k != "records"}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -96,7 +96,7 @@ class BankProfile:
     def accuracy(self, summed_drop: float) -> float:
         """Estimated accuracy of a selection whose per-block drops add up to ``summed_drop``."""
         drop = self.correction(summed_drop) if self.correction else summed_drop
-        return self.teacher_accuracy - drop
+        return max(0.0, self.teacher_accuracy - drop)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -242,10 +242,10 @@ class CostTable:
     def _caps(self, budget: Budget) -> tuple[float, float]:
         """The budget as totals on the cost grids, clamped to the costliest selection (sums stay exact)."""
         lat, mem = self._derived.most_latency, self._derived.most_memory
-        if budget.latency_ms is not None:
-            lat = min(lat, math.floor(budget.latency_ms * _LATENCY_STEPS) / _LATENCY_STEPS)
-        if budget.memory_mb is not None:
-            mem = min(mem, float(math.floor(budget.memory_mb * _MIB)))
+        if budget.latency_ms is not None and budget.latency_ms < lat:
+            lat = math.floor(budget.latency_ms * _LATENCY_STEPS) / _LATENCY_STEPS
+        if budget.memory_mb is not None and budget.memory_mb * _MIB < mem:
+            mem = float(math.floor(budget.memory_mb * _MIB))
         return lat, mem
 
 
@@ -345,7 +345,7 @@ def _branch_and_bound(table: CostTable, lat_cap: float, mem_cap: float) -> tuple
     """
     derived = table._derived
     n = len(derived.rows)
-    start = int(np.searchsorted(np.cumprod(table.sizes), _RAW_STATES, side="right"))
+    start = int(np.cumprod(table.sizes, dtype=float).searchsorted(_RAW_STATES, side="right"))
     fronts = _suffix_fronts(table, start, lat_cap, mem_cap)
     if fronts is None:
         return None
@@ -529,8 +529,10 @@ def _undominated3(first: np.ndarray, second: np.ndarray, third: np.ndarray) -> n
 
 
 def _cap_front(table: CostTable, cap: float) -> np.ndarray:
-    """Choices (one row each) of the selections with every peak within ``cap`` that no other such
-    selection matches or beats in drop, latency and weight."""
+    """Choices (rows) of the selections within activation ``cap`` that none such beats in all costs.
+
+    The costs are drop, latency and weight; with the peak capped, memory is weight plus the cap.
+    """
     drop, lat = np.zeros(1), np.zeros(1)
     weight = np.zeros(1)
     links = []
@@ -613,4 +615,7 @@ def _infeasible(
 
 def _ceil(value: float) -> str:
     """``value`` rounded up to four decimals, so a budget raised to it suffices."""
-    return f"{math.ceil(value * 1e4) / 1e4:.4f}"
+    text = f"{math.ceil(value * 1e4) / 1e4:.4f}"
+    while float(text) < value:
+        text = f"{float(text) + 1e-4:.4f}"
+    return text
