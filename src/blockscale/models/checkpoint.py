@@ -57,6 +57,9 @@ def save_checkpoint(
     payload = safetensors.torch.save(tensors, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; a checkpoint is shareable
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
