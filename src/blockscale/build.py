@@ -69,7 +69,7 @@ class BuildConfig:
 STAGES = ("derived", "retrained")
 
 
-def _split(dataset: Dataset, config: BuildConfig) -> tuple[Subset, Subset]:
+def training_subsets(dataset: Dataset, config: BuildConfig) -> tuple[Subset, Subset]:
     """Disjoint, seeded subsets of the training set for retraining and for profiling."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
     n_profile = min(config.profile_samples, len(dataset) // 5)
@@ -116,7 +116,7 @@ def build(
     target = Target.parse(config.target)
     work = out.with_name(f"{out.name}.build")
     work.mkdir(parents=True, exist_ok=True)
-    retrain_set, profile_set = _split(train_set, config)
+    retrain_set, profile_set = training_subsets(train_set, config)
     shape = input_shape or tuple(train_set[0][0].shape)
     extra = {"build": config.to_dict()}
     timings: dict[str, float] = {}
