@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from blockscale import Bank, BuildConfig, build, load_checkpoint, load_dataset
-from blockscale.build import training_subsets
+from blockscale.pipeline import training_subsets
 from blockscale.profile import ProfileConfig, validate
 from blockscale.retrain import RetrainConfig
 from blockscale.targets import Target, machine

@@ -6,12 +6,12 @@ The stable surface is re-exported here; stage modules (``blockscale.extract``, `
 
 from ._version import __version__
 from .bank import Bank
-from .build import BuildConfig, build
 from .data import list_datasets, load_dataset
 from .derive import Descendant, derive
 from .errors import BlockscaleError
 from .extract import Decomposition, compose, extract
 from .models import create_model, list_models, load_checkpoint, save_checkpoint
+from .pipeline import BuildConfig, build
 from .train import TrainConfig, evaluate, train
 from .types import BlockInfo, BlockPlan, Budget, DeriveConfig, DescendantInfo, Profile, Selection
 

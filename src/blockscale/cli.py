@@ -343,9 +343,9 @@ def build(
     as_json: JsonOpt = False,
 ) -> None:
     """Build a bank: extract, derive, retrain, profile, validate; resumes an interrupted build."""
-    from .build import BuildConfig
-    from .build import build as build_bank
     from .data import load_dataset
+    from .pipeline import BuildConfig
+    from .pipeline import build as build_bank
     from .profile import ProfileConfig
     from .retrain import RetrainConfig
     from .types import DeriveConfig

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from .build import BuildConfig, build
 from .data import load_dataset, subset
 from .errors import InfeasibleBudgetError
 from .models import create_model, load_checkpoint, save_checkpoint
+from .pipeline import BuildConfig, build
 from .plots import plot_frontier
 from .profile import ProfileConfig
 from .retrain import RetrainConfig

@@ -1,4 +1,4 @@
-"""One call for the whole build: extract, derive, retrain, profile, validate, and write the bank.
+"""The build pipeline: extract, derive, retrain, profile, validate, and write the bank, resumably.
 
 Each finished stage is saved next to the output as a bank of its own (``OUT.build/derived``,
 ``OUT.build/retrained``), so an interrupted build resumes from the last finished stage. Stage
@@ -122,6 +122,17 @@ def build(
     timings: dict[str, float] = {}
     teacher = teacher.eval()
 
+    def save(path: Path, sections: dict[str, Any]) -> Bank:
+        return Bank.write(
+            path,
+            decomposition,
+            families,
+            teacher=teacher_info,
+            derive_config=config.derive,
+            extra={**extra, **sections},
+            overwrite=True,
+        )
+
     retrained = _stage_bank(work, "retrained", config)
     derived = None if retrained else _stage_bank(work, "derived", config)
     if retrained is not None:
@@ -141,29 +152,13 @@ def build(
             decomposition = extract(teacher, torch.zeros(1, *shape), config.blocks)
             families = derive(decomposition, config.derive)
             timings["extract_derive"] = time.perf_counter() - start
-            Bank.write(
-                work / "derived",
-                decomposition,
-                families,
-                teacher=teacher_info,
-                derive_config=config.derive,
-                extra={**extra, "timings": timings},
-                overwrite=True,
-            )
+            save(work / "derived", {"timings": timings})
         start = time.perf_counter()
         report = retrain(
             decomposition, families, retrain_set, config.retrain, progress=progress
         ).to_dict()
         timings["retrain"] = time.perf_counter() - start
-        Bank.write(
-            work / "retrained",
-            decomposition,
-            families,
-            teacher=teacher_info,
-            derive_config=config.derive,
-            extra={**extra, "retrain": report, "timings": timings},
-            overwrite=True,
-        )
+        save(work / "retrained", {"retrain": report, "timings": timings})
 
     start = time.perf_counter()
     profiles = profile(
@@ -187,20 +182,7 @@ def build(
         check = profiles.validation[target.name]
         if check["corrected_accuracy_mae_points"] < check["accuracy_mae_points"]:
             profiles.correction = DropCorrection(**check["correction"])  # it held out of sample
-    bank = Bank.write(
-        out,
-        decomposition,
-        families,
-        teacher=teacher_info,
-        derive_config=config.derive,
-        extra={
-            **extra,
-            "retrain": report,
-            "profiles": profiles.to_dict(),
-            "timings": timings,
-        },
-        overwrite=overwrite,
-    )
+    bank = save(out, {"retrain": report, "profiles": profiles.to_dict(), "timings": timings})
     shutil.rmtree(work, ignore_errors=True)
     log(f"bank written to {out} ({json.dumps({k: round(v, 1) for k, v in timings.items()})} s)")
     return bank

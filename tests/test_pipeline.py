@@ -4,12 +4,12 @@ import pytest
 import torch
 from nets import calibrate_bn, tiny_resnet
 
-import blockscale.build as build_module
+import blockscale.pipeline as build_module
 from blockscale.bank import Bank
-from blockscale.build import BuildConfig, build
 from blockscale.data import load_dataset
 from blockscale.derive import derive
 from blockscale.errors import BankError
+from blockscale.pipeline import BuildConfig, build
 from blockscale.profile import ProfileConfig
 from blockscale.retrain import RetrainConfig
 from blockscale.types import DeriveConfig
