@@ -34,10 +34,12 @@ from .types import Profile
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    """How profiling measures: latency warm-up and repeats, evaluation batch size."""
+    """How profiling measures latency (warm-up runs per round, timed runs in all, spread over
+    ``rounds`` round-robin passes) and the evaluation batch size."""
 
-    warmup: int = 10
+    warmup: int = 5
     repeats: int = 30
+    rounds: int = 5
     batch_size: int = 256
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +216,7 @@ def profile(
     plan = decomposition.plan
     teacher = compose(decomposition, decomposition.blocks)
     total = sum(len(f) for f in descendants) + 2
-    with progress_bar(f"profile on {target.name}", total, enabled=progress) as advance:
+    with progress_bar("profile accuracy and size", total, enabled=progress) as advance:
         teacher_accuracy = evaluate(teacher, val_set, batch_size=config.batch_size)
         frame_module = _frame_alone(decomposition)
         frame = Profile(
@@ -226,7 +228,7 @@ def profile(
             weight_bytes=weight_bytes(decomposition.frame)
             - sum(weight_bytes(b) for b in decomposition.blocks),
             activation_bytes=_frame_activation(decomposition),
-            latency_ms={target.name: _latency(target, frame_module, plan.input_shape, config)},
+            latency_ms={},
         )
         advance()
         families = []
@@ -250,27 +252,19 @@ def profile(
                         macs=count_macs(d.module, info.input_shape),
                         weight_bytes=weight_bytes(d.module),
                         activation_bytes=peak_activation_bytes(d.module, info.input_shape),
-                        latency_ms={
-                            target.name: _latency(target, d.module, info.input_shape, config)
-                        },
+                        latency_ms={},
                     )
                 )
                 advance(block=info.index)
             families.append(profiles)
         advance()
-    return BankProfile(
+    profiles = BankProfile(
         teacher_accuracy=teacher_accuracy,
         frame=frame,
         descendants=families,
-        targets={target.name: target.to_dict()},
         val_samples=len(val_set),
     )
-
-
-def _latency(
-    target: Target, module: nn.Module, shape: Sequence[int], config: ProfileConfig
-) -> float:
-    return target.latency_ms(module, shape, warmup=config.warmup, repeats=config.repeats)
+    return add_target(profiles, decomposition, descendants, target, config, progress=progress)
 
 
 def _frame_activation(decomposition: Decomposition) -> int:
@@ -287,20 +281,47 @@ def add_target(
     *,
     progress: bool = True,
 ) -> BankProfile:
-    """Measure latency on another target and add it to existing profiles (nothing retrained)."""
+    """Measure latency on ``target`` and add it to the profiles (nothing is retrained).
+
+    Each descendant is timed inside the teacher, in its block's slot, so it runs under the same
+    conditions as in any selection; the frame's latency is the teacher's minus its blocks'.
+    """
     config = config or ProfileConfig()
     plan = decomposition.plan
-    total = sum(len(f) for f in descendants) + 1
-    with progress_bar(f"latency on {target.name}", total, enabled=progress) as advance:
-        frame_ms = _latency(target, _frame_alone(decomposition), plan.input_shape, config)
-        bank_profile.frame.latency_ms[target.name] = frame_ms
-        advance()
-        for info, family, profiles in zip(
-            plan.blocks, descendants, bank_profile.descendants, strict=True
-        ):
-            for d, p in zip(family, profiles, strict=True):
-                p.latency_ms[target.name] = _latency(target, d.module, info.input_shape, config)
+    teacher = compose(decomposition, decomposition.blocks)
+    runs = [(teacher, list(decomposition.blocks), None)]
+    for info, family in zip(plan.blocks, descendants, strict=True):
+        for d in family:
+            if d.info.sparsity > 0:
+                blocks = list(decomposition.blocks)
+                blocks[info.index] = d.module
+                runs.append(
+                    (compose(decomposition, blocks), [d.module], (info.index, d.info.index))
+                )
+    # Round-robin: every module's samples spread over the whole measurement, so a machine whose
+    # speed drifts (shared, throttled) shifts all of them alike instead of some more than others.
+    rounds = max(1, min(config.rounds, config.repeats))
+    per_round = max(1, config.repeats // rounds)
+    samples: list[list[list[float]]] = [[[] for _ in range(len(slots) + 1)] for _, slots, _ in runs]
+    with progress_bar(f"latency on {target.name}", rounds * len(runs), enabled=progress) as advance:
+        for _ in range(rounds):
+            for r, (model, slots, _) in enumerate(runs):
+                taken = target.samples_ms(
+                    model, plan.input_shape, slots, warmup=config.warmup, repeats=per_round
+                )
+                for store, new in zip(samples[r], taken, strict=True):
+                    store.extend(new)
                 advance()
+    median = statistics.median
+    whole, *inside = (median(s) for s in samples[0])
+    bank_profile.frame.latency_ms[target.name] = max(0.0, whole - sum(inside))
+    by_key = {key: median(samples[r][1]) for r, (_, _, key) in enumerate(runs) if key}
+    for info, family, profiles in zip(
+        plan.blocks, descendants, bank_profile.descendants, strict=True
+    ):
+        for d, p in zip(family, profiles, strict=True):
+            key = (info.index, d.info.index)
+            p.latency_ms[target.name] = by_key.get(key, inside[info.index])
     bank_profile.targets[target.name] = target.to_dict()
     return bank_profile
 
@@ -380,7 +401,9 @@ def validate(
                     "estimated_accuracy": est["accuracy"],
                     "measured_accuracy": evaluate(model, val_set, batch_size=config.batch_size),
                     "estimated_latency_ms": est["latency_ms"],
-                    "measured_latency_ms": _latency(target, model, plan.input_shape, config),
+                    "measured_latency_ms": target.latency_ms(
+                        model, plan.input_shape, warmup=config.warmup, repeats=config.repeats
+                    ),
                 }
             )
             advance()

@@ -73,6 +73,50 @@ class Target:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "name": self.name, "machine": machine()}
 
+    def samples_ms(
+        self,
+        model: nn.Module,
+        input_shape: Sequence[int],
+        slots: Sequence[nn.Module] = (),
+        *,
+        warmup: int = 10,
+        repeats: int = 30,
+    ) -> list[list[float]]:
+        """Raw batch-1 timings in ms: of the whole ``model`` first, then of each of ``slots``.
+
+        A slot is timed inside the whole model, rather than alone, so it runs under the conditions
+        it will meet in any selection (caches shared with the rest), and the parts add up.
+        """
+        x = torch.randn(1, *input_shape)
+        starts: dict[int, float] = {}
+        spans: list[list[float]] = [[] for _ in range(len(slots) + 1)]
+
+        def before(i: int):
+            return lambda module, args: starts.__setitem__(i, time.perf_counter())
+
+        def after(i: int):
+            return lambda module, args, out: spans[i].append(time.perf_counter() - starts[i])
+
+        handles = []
+        for i, slot in enumerate(slots, start=1):
+            handles.append(slot.register_forward_pre_hook(before(i)))
+            handles.append(slot.register_forward_hook(after(i)))
+        model.eval()
+        try:
+            with _threads(self.threads), torch.inference_mode():
+                for _ in range(warmup):
+                    model(x)
+                for span in spans:
+                    span.clear()
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model(x)
+                    spans[0].append(time.perf_counter() - start)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [[t * 1e3 for t in span] for span in spans]
+
     def latency_ms(
         self,
         module: nn.Module,
@@ -82,17 +126,8 @@ class Target:
         repeats: int = 30,
     ) -> float:
         """Median batch-1 latency of ``module`` in milliseconds on this target."""
-        x = torch.randn(1, *input_shape)
-        module.eval()
-        with _threads(self.threads), torch.inference_mode():
-            for _ in range(warmup):
-                module(x)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                module(x)
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+        (whole,) = self.samples_ms(module, input_shape, warmup=warmup, repeats=repeats)
+        return statistics.median(whole)
 
 
 @contextmanager
