@@ -555,6 +555,7 @@ def profile_cmd(
     bank: Annotated[Path, typer.Argument(help="Bank directory.")],
     target: Annotated[str, typer.Option(help="Target to measure, e.g. torch-2t.")],
     repeats: Annotated[int, typer.Option(help="Timed runs per module (median).")] = 30,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before each round.")] = 5,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure a bank's latencies on another target and add them (nothing is retrained)."""
@@ -570,7 +571,7 @@ def profile_cmd(
             opened.decomposition(),
             opened.load_descendants(),
             chosen,
-            ProfileConfig(repeats=repeats),
+            ProfileConfig(repeats=repeats, warmup=warmup),
             progress=not as_json,
         )
         opened.update(profiles=profiles.to_dict())

@@ -361,7 +361,7 @@ def _branch_and_bound(table: CostTable, lat_cap: float, mem_cap: float) -> tuple
             lat_front, mem_front = fronts[r - start]
             bound = drop + np.maximum(_least(lat_front, lat_cap - lat), _least(mem_front, room))
             tied = (bound == best[0]).nonzero()[0]
-            if r < n and (r == start or best[0] == _UNKNOWN or len(tied) > 1):
+            if r < n and (r == start or len(bound) > 1):
                 best = min(best, _probe(state, bound, fronts[r - start], lat_cap, mem_cap))
                 tied = (bound == best[0]).nonzero()[0]
             fits = bound <= best[0]
