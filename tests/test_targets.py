@@ -100,3 +100,15 @@ def test_latency_grows_with_work():
     fast = target.latency_ms(small, (4, 8, 8), warmup=2, repeats=9)
     slow = target.latency_ms(large, (64, 32, 32), warmup=2, repeats=9)
     assert 0 < fast < slow
+
+
+def test_slot_samples_fit_inside_the_whole_run():
+    from torch import nn
+
+    from blockscale.targets import Target
+
+    inner = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 3, 3, padding=1))
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), inner, nn.Conv2d(3, 3, 1))
+    whole, slot = Target().samples_ms(model, (3, 16, 16), [inner], warmup=2, repeats=7)
+    assert len(whole) == len(slot) == 7
+    assert all(0 < s < w for s, w in zip(slot, whole, strict=True))
