@@ -37,7 +37,7 @@ from ._graph_io import decode_graph_module, encode_graph_module
 from ._version import __version__
 from .derive import Descendant
 from .errors import BankCorruptError, BankError, BankVersionError, BlockscaleError, ProfileError
-from .extract import Decomposition, _swap_submodules, compose, slot_name
+from .extract import Decomposition, compose, replace_submodules, slot_name
 from .profile import BankProfile
 from .select import CostTable, frontier, solve
 from .types import BlockPlan, Budget, DeriveConfig, DescendantInfo, Selection
@@ -354,7 +354,7 @@ class Bank:
                 hint=f"pass frame=<an instance of {spec['class']}> (e.g. the teacher) to load it",
             )
         names = [b.name for b in self.plan.blocks]
-        rebuilt = _swap_submodules(frame, dict(zip(names, originals, strict=True)))
+        rebuilt = replace_submodules(frame, dict(zip(names, originals, strict=True)))
         result = rebuilt.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not any(k.startswith(f"{n}.") for n in names)]
         if missing or result.unexpected_keys:

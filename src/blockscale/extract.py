@@ -106,7 +106,7 @@ def compose(decomposition: Decomposition, blocks: Sequence[nn.Module]) -> nn.Mod
             parts[slot_name(i)] = block
         return fx.GraphModule(parts, copy.deepcopy(frame.graph), class_name="Composed")
     names = [b.name for b in decomposition.plan.blocks]
-    return _swap_submodules(decomposition.frame, dict(zip(names, blocks, strict=True)))
+    return replace_submodules(decomposition.frame, dict(zip(names, blocks, strict=True)))
 
 
 def _describe(value: object) -> str:
@@ -471,7 +471,7 @@ def _subgraph_module(
     return fx.GraphModule(parts, graph, class_name="Block")
 
 
-def _swap_submodules(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+def replace_submodules(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
     """A shallow copy of ``root`` with submodules replaced; ``root`` itself is left untouched."""
     new_root = copy.copy(root)
     new_root._modules = dict(root._modules)
@@ -557,7 +557,7 @@ def _extract_modules(
                 num_params=_num_params([block]),
             )
         )
-    frame = _swap_submodules(teacher, dict(zip(order, blocks, strict=True)))
+    frame = replace_submodules(teacher, dict(zip(order, blocks, strict=True)))
     block_params = {id(p) for b in blocks for p in b.parameters()}
     frame_params = sum(p.numel() for p in frame.parameters() if id(p) not in block_params)
     frame_mods = tuple(

@@ -110,6 +110,11 @@ class FeatureCache:
             )
         )
 
+    @property
+    def on_disk(self) -> bool:
+        """Whether the features live in memory-mapped files rather than in memory."""
+        return any(isinstance(a, np.ndarray) for a in self._arrays)
+
     def pair(self, block: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher input and output of ``block`` for the samples at ``index`` (float32)."""
         i, o = self._slots[block]
@@ -317,9 +322,7 @@ def _distill(
         )
     cache_seconds = time.perf_counter() - cache_start
     report = RetrainReport(
-        cache=config.cache
-        if cache is None
-        else ("disk" if cache.nbytes and _on_disk(cache) else "memory"),
+        cache=config.cache if cache is None else ("disk" if cache.on_disk else "memory"),
         cache_bytes=cache.nbytes if cache else 0,
         cache_seconds=cache_seconds,
         train_seconds=0.0,
@@ -406,7 +409,3 @@ def _distill(
                 d.module.load_state_dict(states[d.info.key][1])
             d.module.eval()
     return report
-
-
-def _on_disk(cache: FeatureCache) -> bool:
-    return any(isinstance(a, np.ndarray) for a in cache._arrays)

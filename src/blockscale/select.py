@@ -33,8 +33,10 @@ _EXACT = 2.0**53
 # solve enumerates the leading blocks outright while their combinations number at most this many;
 # bounds start at the first block after them (computing bounds costs more than it saves earlier).
 _RAW_STATES = 1296
-# solve looks for a feasible completion of this many of the most promising states.
+# solve completes this many of the most promising states (when it has more) to find incumbents.
 _PROBES = 8
+# solve adds a bound on latency and weight priced together once a layer keeps more states.
+_CROWD = 32
 # stands for "no feasible selection known yet": above every finite bound, below +inf.
 _UNKNOWN = float(np.finfo(np.float64).max)
 # block size of the staircase sweep that removes dominated states in three costs.
@@ -335,84 +337,198 @@ def _staircase(values: np.ndarray) -> np.ndarray:
 
 
 def _branch_and_bound(table: CostTable, lat_cap: float, mem_cap: float) -> tuple[int, ...] | None:
-    """The best choices within the caps (drop, then latency, memory, choices), or None if none fit.
+    """The best choices within the caps (drop, then latency, memory, choices), or None if none fit."""
+    fronts = _suffix_fronts(table, _start(table), lat_cap, mem_cap, ((1.0, 0.0), (0.0, 1.0)))
+    return None if fronts is None else _Search(table, lat_cap, mem_cap, fronts).run()
+
+
+def _start(table: CostTable) -> int:
+    """How many leading blocks solve enumerates outright, before any bound (see ``_RAW_STATES``)."""
+    return int(np.cumprod(table.sizes, dtype=float).searchsorted(_RAW_STATES, side="right"))
+
+
+class _Search:
+    """Branch and bound over the blocks in order for one budget.
 
     States are prefixes (the first r blocks chosen) as rows (drop, latency, weight, peak), kept in
     lexicographic order of their choices. A state survives while a lower bound on its best
-    completion's drop (the larger of two exact bounds, from the remaining blocks' Pareto fronts in
-    drop-latency and drop-weight) is at most the drop of a feasible selection found so far, and
-    while no other state is as good in every cost.
+    completion's drop is at most the drop of a feasible selection found so far (the incumbent),
+    and while no other state is as good in every cost. Bounds come from exact Pareto fronts of the
+    remaining blocks in drop against latency, against weight and, once states crowd, against a
+    priced sum of the two; incumbents from completing promising states with front points and,
+    when crowded, from diving greedily down the best bounds.
     """
-    derived = table._derived
-    n = len(derived.rows)
-    start = int(np.cumprod(table.sizes, dtype=float).searchsorted(_RAW_STATES, side="right"))
-    fronts = _suffix_fronts(table, start, lat_cap, mem_cap)
-    if fronts is None:
-        return None
-    state = np.array(
-        [[0.0, table.frame_latency_ms, table.frame_weight_bytes, table.frame_activation_bytes]]
-    )
-    links = [np.zeros(1, dtype=np.intp)]
-    best = (_UNKNOWN, _UNKNOWN)
-    for r in range(n + 1):
-        if r >= start:
-            drop, lat, weight, peak = state.T
-            room = mem_cap - weight - np.maximum(peak, derived.floors[r])
-            lat_front, mem_front = fronts[r - start]
-            bound = drop + np.maximum(_least(lat_front, lat_cap - lat), _least(mem_front, room))
-            tied = (bound == best[0]).nonzero()[0]
-            if r < n and (r == start or len(bound) > 1):
-                best = min(best, _probe(state, bound, fronts[r - start], lat_cap, mem_cap))
-                tied = (bound == best[0]).nonzero()[0]
-            fits = bound <= best[0]
-            if len(tied) > 1 and best[0] < _UNKNOWN:
-                spare = best[0] - drop[tied]
-                fits[tied[lat[tied] + _fastest(lat_front, spare) > best[1]]] = False
-            keep = fits.nonzero()[0]
-            if len(keep) > 1:
-                keep = keep[_undominated4(state[keep])]
-            if not len(keep):
-                return None
-            state = state[keep]
-            links[-1] = links[-1][keep]
-        if r == n:
-            break
-        costs, act = derived.blocks[r]
-        grown = np.empty((len(state), len(act), 4))
-        np.add(state[:, None, :3], costs, out=grown[:, :, :3])
-        np.maximum(state[:, None, 3:], act[:, None], out=grown[:, :, 3:])
-        state = grown.reshape(-1, 4)
-        links.append(np.arange(len(state)))
-    drop, lat, weight, peak = state.T
-    at = int(np.lexsort((weight + peak, lat, drop))[0])
-    choices = []
-    for r in range(n - 1, -1, -1):
-        at, choice = divmod(int(links[r + 1][at]), table.sizes[r])
-        choices.append(choice)
-    return tuple(reversed(choices))
+
+    def __init__(
+        self, table: CostTable, lat_cap: float, mem_cap: float, fronts: list[tuple[_Arrays, ...]]
+    ) -> None:
+        self.table, self.lat_cap, self.mem_cap = table, lat_cap, mem_cap
+        self.start, self.fronts = _start(table), fronts
+        self.priced: tuple[float, float, int, list[tuple[_Arrays, ...]]] | None = None
+        self.best = (_UNKNOWN, _UNKNOWN)
+
+    def run(self) -> tuple[int, ...] | None:
+        """The best choices, or None when no selection fits."""
+        table, derived = self.table, self.table._derived
+        n = table.num_blocks
+        state = np.array(
+            [[0.0, table.frame_latency_ms, table.frame_weight_bytes, table.frame_activation_bytes]]
+        )
+        links = [np.zeros(1, dtype=np.intp)]
+        for r in range(n + 1):
+            if r >= self.start:
+                bound = self._bound(state, r)
+                if r < n and (r == self.start or len(state) > _PROBES):
+                    self._probe(state, bound, r)
+                keep = self._promising(state, bound, r).nonzero()[0]
+                if len(keep) > 1:
+                    keep = keep[_undominated4(state[keep])]
+                if not len(keep):
+                    return None
+                state, bound = state[keep], bound[keep]
+                links[-1] = links[-1][keep]
+                if len(state) > _CROWD and r < n:
+                    if self.priced is None:
+                        self._price_from(r)
+                    if bound.min() < self.best[0]:
+                        self._dive(state[bound.argmin()], r)
+            if r == n:
+                break
+            state = _grow(state, *derived.blocks[r])
+            links.append(np.arange(len(state)))
+        drop, lat, weight, peak = state.T
+        at = int(np.lexsort((weight + peak, lat, drop))[0])
+        choices = []
+        for r in range(n - 1, -1, -1):
+            at, choice = divmod(int(links[r + 1][at]), table.sizes[r])
+            choices.append(choice)
+        return tuple(reversed(choices))
+
+    def _fronts(self, r: int) -> tuple[_Arrays, ...]:
+        """The fronts of blocks r.. : latency, weight, then the priced ones if any."""
+        here = self.fronts[r - self.start]
+        if self.priced is not None and r >= self.priced[2]:
+            here = (*here, *self.priced[3][r - self.priced[2]])
+        return here
+
+    def _bound(self, state: np.ndarray, r: int) -> np.ndarray:
+        """A lower bound on the drop of each state's best feasible completion (+inf: none)."""
+        drop, lat, weight, peak = state.T
+        spare_ms = self.lat_cap - lat
+        spare_bytes = self.mem_cap - weight - np.maximum(peak, self.table._derived.floors[r])
+        here = self._fronts(r)
+        bound = np.maximum(_least(here[0], spare_ms), _least(here[1], spare_bytes))
+        if len(here) > 2:
+            price, slack = self.priced[0], self.priced[1]
+            bound = np.maximum(bound, _least(here[2], spare_ms + price * spare_bytes + slack))
+        return drop + bound
+
+    def _price_from(self, r: int) -> None:
+        """Add fronts priced in latency plus weight for blocks r.. (their rounding gets slack)."""
+        derived = self.table._derived
+        price = _price(self.table, self.lat_cap, self.mem_cap)
+        slack = 1e-9 * (derived.most_latency + price * derived.most_memory)
+        fronts = _suffix_fronts(self.table, r, self.lat_cap + slack, self.mem_cap, ((1.0, price),))
+        if fronts is not None:
+            self.priced = (price, slack, r, fronts)
+
+    def _probe(self, state: np.ndarray, bound: np.ndarray, r: int) -> None:
+        """Improve the incumbent by completing the most promising states with front points."""
+        if len(bound) > _PROBES:
+            state = state[np.argpartition(bound, _PROBES)[:_PROBES]]
+        drop, lat, weight, peak = (column[:, None] for column in state.T)
+        for _, f_drop, f_lat, f_weight, f_peak in self._fronts(r):
+            fits = (lat + f_lat <= self.lat_cap) & (
+                weight + f_weight + np.maximum(peak, f_peak) <= self.mem_cap
+            )
+            if fits.any():
+                total, time = (drop + f_drop[1:])[fits], (lat + f_lat)[fits]
+                least = total.min()
+                self.best = min(self.best, (float(least), float(time[total == least].min())))
+
+    def _dive(self, state: np.ndarray, r: int) -> None:
+        """Improve the incumbent by completing one state, each block the choice of least bound."""
+        for layer in range(r, self.table.num_blocks):
+            children = _grow(state[None], *self.table._derived.blocks[layer])
+            bound = self._bound(children, layer + 1)
+            if bound.min() == np.inf:
+                return
+            state = children[bound.argmin()]
+        self.best = min(self.best, (float(state[0]), float(state[1])))
+
+    def _promising(self, state: np.ndarray, bound: np.ndarray, r: int) -> np.ndarray:
+        """Mask of states that may still lead to a selection at least as good as the incumbent.
+
+        Ties with the incumbent's drop must also be able to match its latency.
+        """
+        fits = bound <= self.best[0]
+        tied = (bound == self.best[0]).nonzero()[0]
+        if len(tied) > 1 and self.best[0] < _UNKNOWN:
+            drop, lat = state[tied, 0], state[tied, 1]
+            fastest = lat + _fastest(self._fronts(r)[0], self.best[0] - drop)
+            fits[tied[fastest > self.best[1]]] = False
+        return fits
+
+
+def _grow(state: np.ndarray, costs: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """Every state extended by every descendant of the next block, in lexicographic order."""
+    grown = np.empty((len(state), len(act), 4))
+    np.add(state[:, None, :3], costs, out=grown[:, :, :3])
+    np.maximum(state[:, None, 3:], act[:, None], out=grown[:, :, 3:])
+    return grown.reshape(-1, 4)
+
+
+def _price(table: CostTable, lat_cap: float, mem_cap: float) -> float:
+    """Milliseconds per byte that trade latency against weight well for this budget.
+
+    The ratio of the Lagrange multipliers of the two budgets that give the bank's best Lagrangian
+    bound, searched on a log-spaced grid.
+    """
+    real = np.isfinite(table.drop)
+    span = [np.ptp(a[real]) or 1.0 for a in (table.drop, table.latency_ms, table.weight_bytes)]
+    grid = np.logspace(-3, 3, 25)
+    per_ms = (grid * span[0] / span[1])[:, None, None, None]
+    per_byte = (grid * span[0] / span[2])[None, :, None, None]
+    costs = table.drop + per_ms * table.latency_ms + per_byte * table.weight_bytes
+    least = np.where(real, costs, np.inf).min(axis=3).sum(axis=2)
+    room_ms = lat_cap - table.frame_latency_ms
+    room_bytes = mem_cap - table.frame_weight_bytes - table._derived.floors[0]
+    value = least - per_ms[..., 0, 0] * room_ms - per_byte[..., 0, 0] * room_bytes
+    i, j = np.unravel_index(value.argmax(), value.shape)
+    return float(per_byte[0, j, 0, 0] / per_ms[i, 0, 0, 0])
 
 
 def _suffix_fronts(
-    table: CostTable, start: int, lat_cap: float, mem_cap: float
-) -> list[tuple[_Arrays, _Arrays]] | None:
-    """For each r >= start, the Pareto fronts of blocks r.. in (latency, drop) and (weight, drop).
+    table: CostTable,
+    start: int,
+    lat_cap: float,
+    mem_cap: float,
+    prices: tuple[tuple[float, float], ...],
+) -> list[tuple[_Arrays, ...]] | None:
+    """For each r >= start and each (a, b) in ``prices``, the Pareto front of blocks r.. in
+    (a * latency + b * weight, drop).
 
-    A front is (key, drop, latency, weight, peak) sorted by its key, each point one selection of
-    the remaining blocks; ``drop`` has an extra +inf in front (see ``_least``). Points that cannot
-    fit the caps even after the cheapest earlier blocks are left out. None when nothing fits.
+    A front is (key, drop, latency, weight, peak) sorted by key, each point one selection of the
+    remaining blocks; ``drop`` has an extra +inf in front (see ``_least``). Points that cannot fit
+    the caps even after the cheapest earlier blocks are left out. None when nothing fits.
     """
     derived = table._derived
     zero = np.zeros(1)
-    lat_front = mem_front = (zero, np.array([np.inf, 0.0]), zero, zero, zero)
-    fronts = [(lat_front, mem_front)]
+    current = [(zero, np.array([np.inf, 0.0]), zero, zero, zero)] * len(prices)
+    fronts = [tuple(current)]
     for r in range(len(derived.rows) - 1, start - 1, -1):
         dr, la, wt, ac = derived.rows[r]
-        lat_front = _extend(lat_front, dr, la, wt, ac, la, lat_cap - derived.least_latency[r])
-        room = mem_cap - derived.floors[0] - derived.least_weight[r]
-        mem_front = _extend(mem_front, dr, la, wt, ac, wt, room)
-        if len(lat_front[0]) == 0 or len(mem_front[0]) == 0:
-            return None
-        fronts.append((lat_front, mem_front))
+        spare_ms = lat_cap - derived.least_latency[r]
+        spare_bytes = mem_cap - derived.floors[0] - derived.least_weight[r]
+        for i, (a, b) in enumerate(prices):
+            key = la if b == 0 else wt if a == 0 else a * la + b * wt
+            limit = (
+                spare_ms if b == 0 else spare_bytes if a == 0 else a * spare_ms + b * spare_bytes
+            )
+            current[i] = _extend(current[i], dr, la, wt, ac, key, limit)
+            if len(current[i][0]) == 0:
+                return None
+        fronts.append(tuple(current))
     return fronts[::-1]
 
 
@@ -452,27 +568,6 @@ def _fastest(front: _Arrays, spare: np.ndarray) -> np.ndarray:
     """The least latency on a latency front among points whose drop is within each ``spare``."""
     at = (-front[1][1:]).searchsorted(-spare, side="left")
     return np.append(front[2], np.inf)[at]
-
-
-def _probe(
-    state: np.ndarray,
-    bound: np.ndarray,
-    fronts: tuple[_Arrays, _Arrays],
-    lat_cap: float,
-    mem_cap: float,
-) -> tuple[float, float]:
-    """The least (drop, latency) of a feasible selection completing a promising state from a front."""
-    if len(bound) > _PROBES:
-        state = state[np.argpartition(bound, _PROBES)[:_PROBES]]
-    drop, lat, weight, peak = (column[:, None] for column in state.T)
-    best = (_UNKNOWN, _UNKNOWN)
-    for _, f_drop, f_lat, f_weight, f_peak in fronts:
-        fits = (lat + f_lat <= lat_cap) & (weight + f_weight + np.maximum(peak, f_peak) <= mem_cap)
-        if fits.any():
-            total, time = (drop + f_drop[1:])[fits], (lat + f_lat)[fits]
-            least = total.min()
-            best = min(best, (float(least), float(time[total == least].min())))
-    return best
 
 
 def _undominated4(state: np.ndarray) -> np.ndarray:
