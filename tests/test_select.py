@@ -100,12 +100,19 @@ def check_infeasible(error, selections):
 
 
 @settings(max_examples=200, deadline=None)
-@given(tables(), st.lists(budgets, min_size=1, max_size=3), st.sampled_from([1, 6, 1296]))
-def test_solve_and_selector_match_brute_force(table, queries, raw_states):
+@given(
+    tables(),
+    st.lists(budgets, min_size=1, max_size=3),
+    st.sampled_from([0, 6, 1296]),
+    st.sampled_from([0, 32]),
+)
+def test_solve_and_selector_match_brute_force(table, queries, raw_states, crowd):
     selections = everything(table)
     selector = Selector(table)
     with pytest.MonkeyPatch.context() as patch:
+        # bounds from the first block or later; priced bounds and dives always or when crowded
         patch.setattr(select_module, "_RAW_STATES", raw_states)
+        patch.setattr(select_module, "_CROWD", crowd)
         for budget in (resolve(q, selections) for q in queries):
             expected = best(selections, budget)
             for pick in (solve, lambda t, b: selector.select(b)):
@@ -123,13 +130,15 @@ def test_solve_and_selector_match_brute_force(table, queries, raw_states):
 @given(tables(), st.none() | st.floats(-0.1, 1.1))
 def test_frontier_matches_brute_force(table, fraction):
     selections = everything(table)
+    selector = Selector(table)
     memory_mb = resolve((None, fraction), selections).memory_mb
-    points = frontier(table, memory_mb)
-    assert points == pareto(selections, memory_mb)
-    assert Selector(table).frontier(memory_mb) == points
-    for point in points:
-        if point.latency_ms > 0:  # a budget must be positive
-            assert solve(table, Budget(point.latency_ms, memory_mb)) == point
+    for limit in {None, memory_mb}:
+        points = frontier(table, limit)
+        assert points == pareto(selections, limit)
+        assert selector.frontier(limit) == points
+        for point in points:
+            if point.latency_ms > 0:  # a budget must be positive
+                assert solve(table, Budget(point.latency_ms, limit)) == point
 
 
 @settings(max_examples=200, deadline=None)
@@ -156,6 +165,33 @@ def test_infeasible_budget_hint_names_enough(table, fractions):
             solve(table, Budget(float(raise_latency.group(1)), budget.memory_mb))
         if raise_memory and small_enough:
             solve(table, Budget(budget.latency_ms, float(raise_memory.group(1))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(tables(), budgets, st.booleans())
+def test_dives_and_priced_fronts_find_feasible_selections(table, fractions, priced):
+    # the incumbent heuristics that large banks lean on, each checked on its own
+    selections = everything(table)
+    budget = resolve(fractions, selections)
+    lat_cap, mem_cap = table._caps(budget)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(select_module, "_RAW_STATES", 0)
+        fronts = select_module._suffix_fronts(table, 0, lat_cap, mem_cap, ((1.0, 0.0), (0.0, 1.0)))
+        if fronts is None:
+            assert best(selections, budget) is None
+            return
+        search = select_module._Search(table, lat_cap, mem_cap, fronts)
+        if priced:
+            search._price_from(0)
+        root = [0.0, table.frame_latency_ms, table.frame_weight_bytes, table.frame_activation_bytes]
+        search._dive(np.array(root), 0)
+    found = [
+        (table.teacher_accuracy - s.accuracy, s.latency_ms) for s in selections if within(s, budget)
+    ]
+    if search.best[0] < select_module._UNKNOWN:
+        assert search.best in found
+    if priced and search.priced is not None and found:
+        assert search._bound(np.array([root]), 0)[0] <= min(found)[0]
 
 
 def realistic(seed):
