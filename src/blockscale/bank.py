@@ -39,12 +39,13 @@ from .derive import Descendant
 from .errors import BankCorruptError, BankError, BankVersionError, BlockscaleError, ProfileError
 from .extract import Decomposition, compose, replace_submodules, slot_name
 from .profile import BankProfile
-from .select import CostTable, frontier, solve
+from .select import CostTable, Selector, frontier, solve
 from .types import BlockPlan, Budget, DeriveConfig, DescendantInfo, Selection
 
 FORMAT = "blockscale-bank"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+SELECTOR_BLOCKS = 12  # up to this many blocks, selection answers from a precomputed Pareto set
 MANIFEST_SUM = "manifest.sha256"
 FRAME_FILE = "frame.safetensors"
 
@@ -87,6 +88,7 @@ class Bank:
             [DescendantInfo.from_dict(d["info"]) for d in family]
             for family in manifest["descendants"]
         ]
+        self._selectors: dict[str, Selector] = {}
         self.files = {
             name: FileRecord(str(rec["sha256"]), int(rec["bytes"]))
             for name, rec in manifest["files"].items()
@@ -128,8 +130,21 @@ class Bank:
         summed = profile.teacher_accuracy - selection.accuracy
         return dataclasses.replace(selection, accuracy=profile.accuracy(summed))
 
+    def selector(self, target: str | None = None) -> Selector:
+        """The bank's precomputed Pareto set on ``target``, built once and kept."""
+        name = self.target(target)
+        if name not in self._selectors:
+            self._selectors[name] = Selector(self.cost_table(name))
+        return self._selectors[name]
+
     def select(self, budget: Budget, target: str | None = None) -> Selection:
-        """The most accurate selection within ``budget`` on ``target`` (exact)."""
+        """The most accurate selection within ``budget`` on ``target`` (exact).
+
+        Banks of up to ``SELECTOR_BLOCKS`` blocks answer from their precomputed Pareto set
+        (microseconds a query once built); larger ones, whose sets grow too big, by branch and bound.
+        """
+        if self.plan.num_blocks <= SELECTOR_BLOCKS:
+            return self._corrected(self.selector(target).select(budget))
         return self._corrected(solve(self.cost_table(target), budget))
 
     def frontier(
@@ -257,6 +272,7 @@ class Bank:
         manifest = {**self.manifest, **sections}
         _write_manifest(self.path, manifest)
         self.manifest = manifest
+        self._selectors.clear()  # profiles may have changed
 
     # -- reading -----------------------------------------------------------------------------
 
