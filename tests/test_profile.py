@@ -223,6 +223,8 @@ def test_validate_records(bank):
             "measured_accuracy",
             "estimated_latency_ms",
             "measured_latency_ms",
+            "estimated_latency_ratio",
+            "measured_latency_ratio",
         }
         choices = record["choices"]
         assert len(choices) == 2 and all(0 <= c < len(SPARSITIES) for c in choices)

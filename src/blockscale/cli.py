@@ -432,6 +432,12 @@ def _show_profile(bank: Any) -> None:
                 f"{check['accuracy_spearman']:.3f}), latency MAPE "
                 f"{check['latency_mape_percent']:.1f}% (Spearman {check['latency_spearman']:.3f})"
             )
+            if "relative_latency_mape_percent" in check:
+                _out.print(
+                    f"latency relative to the teacher, timed side by side: MAPE "
+                    f"{check['relative_latency_mape_percent']:.1f}% (Spearman "
+                    f"{check['relative_latency_spearman']:.3f})"
+                )
 
 
 def _count(n: int) -> str:

@@ -382,6 +382,8 @@ def validate(
     config = config or ProfileConfig()
     rng = random.Random(seed)
     plan = decomposition.plan
+    teacher = compose(decomposition, decomposition.blocks)
+    teacher_estimate = estimate(bank_profile, [0] * plan.num_blocks, target.name)["latency_ms"]
     records = []
     start = time.perf_counter()
     with progress_bar("validate estimates", samples, enabled=progress) as advance:
@@ -401,9 +403,8 @@ def validate(
                     "estimated_accuracy": est["accuracy"],
                     "measured_accuracy": evaluate(model, val_set, batch_size=config.batch_size),
                     "estimated_latency_ms": est["latency_ms"],
-                    "measured_latency_ms": target.latency_ms(
-                        model, plan.input_shape, warmup=config.warmup, repeats=config.repeats
-                    ),
+                    "estimated_latency_ratio": est["latency_ms"] / teacher_estimate,
+                    **_side_by_side(target, model, teacher, plan.input_shape, config),
                 }
             )
             advance()
@@ -411,6 +412,35 @@ def validate(
     upper = sum(max(p.accuracy_drop for p in family) for family in bank_profile.descendants)
     summary.update(corrected_accuracy_errors(records, bank_profile.teacher_accuracy, upper))
     return summary
+
+
+def _side_by_side(
+    target: Target,
+    model: nn.Module,
+    teacher: nn.Module,
+    input_shape: Sequence[int],
+    config: ProfileConfig,
+) -> dict[str, float]:
+    """The selection's latency, and its ratio to the teacher's timed in alternating rounds.
+
+    On a machine whose speed drifts, a latency measured now and an estimate profiled earlier
+    differ by the drift; the ratio to the teacher, timed in the same rounds, cancels it.
+    """
+    rounds = max(1, min(config.rounds, config.repeats))
+    per_round = max(1, config.repeats // rounds)
+    mine: list[float] = []
+    reference: list[float] = []
+    for _ in range(rounds):
+        for store, module in ((mine, model), (reference, teacher)):
+            (taken,) = target.samples_ms(
+                module, input_shape, warmup=config.warmup, repeats=per_round
+            )
+            store.extend(taken)
+    median = statistics.median(mine)
+    return {
+        "measured_latency_ms": median,
+        "measured_latency_ratio": median / statistics.median(reference),
+    }
 
 
 def corrected_accuracy_errors(
@@ -434,6 +464,19 @@ def corrected_accuracy_errors(
     }
 
 
+def _ratio_errors(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """MAPE and Spearman of latency relative to the teacher, when the records carry ratios."""
+    if not records or "measured_latency_ratio" not in records[0]:
+        return {}
+    est = [r["estimated_latency_ratio"] for r in records]
+    real = [r["measured_latency_ratio"] for r in records]
+    return {
+        "relative_latency_mape_percent": 100
+        * statistics.fmean(abs(e - m) / m for e, m in zip(est, real, strict=True)),
+        "relative_latency_spearman": spearman(est, real),
+    }
+
+
 def summarize_validation(
     records: list[dict[str, Any]], target: str, seconds: float
 ) -> dict[str, Any]:
@@ -451,6 +494,7 @@ def summarize_validation(
         "latency_mape_percent": 100
         * statistics.fmean(abs(e - m) / m for e, m in zip(est_lat, real_lat, strict=True)),
         "latency_spearman": spearman(est_lat, real_lat),
+        **_ratio_errors(records),
         "seconds": seconds,
         "records": records,
     }
