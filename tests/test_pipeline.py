@@ -199,3 +199,36 @@ def test_an_existing_output_is_kept_unless_overwritten(data, tmp_path):
     assert not (out / "keep.txt").exists()
     assert Bank.open(out).profile.validation == {}
     assert "validate" not in bank.manifest["timings"]
+
+
+@pytest.mark.parametrize("combine", ["sum", "logit"])
+def test_bank_select_is_the_best_estimate_within_budget(reference, tmp_path, combine):
+    import itertools
+    import shutil
+
+    from blockscale.errors import InfeasibleBudgetError
+    from blockscale.profile import estimate
+    from blockscale.types import Budget
+
+    _, bank, _ = reference
+    copy = tmp_path / "bank"
+    shutil.copytree(bank.path, copy)
+    opened = Bank.open(copy)
+    profiles = opened.profile
+    profiles.combine = combine
+    opened.update(profiles=profiles.to_dict())
+    target = opened.target()
+    every = [
+        (choices, estimate(profiles, choices, target))
+        for choices in itertools.product(*(range(len(f)) for f in opened.descendants))
+    ]
+    latencies = sorted({e["latency_ms"] for _, e in every})
+    budgets = [(a + b) / 2 for a, b in itertools.pairwise(latencies)]
+    for budget_ms in [latencies[0] / 2, *budgets[:: max(1, len(budgets) // 7)]]:
+        fits = [e["accuracy"] for _, e in every if e["latency_ms"] <= budget_ms]
+        try:
+            chosen = opened.select(Budget(latency_ms=budget_ms), target)
+        except InfeasibleBudgetError:
+            assert not fits
+            continue
+        assert chosen.accuracy == pytest.approx(max(fits), abs=1e-6)

@@ -218,7 +218,8 @@ def test_validate_records(bank):
     for record in result["records"]:
         assert set(record) == {
             "choices",
-            "summed_drop",
+            "summed_cost",
+            "sum_estimated_accuracy",
             "estimated_accuracy",
             "measured_accuracy",
             "estimated_latency_ms",
@@ -392,3 +393,22 @@ def test_corrected_errors_are_reported(bank):
     )
     assert result["corrected_accuracy_mae_points"] >= 0
     assert set(result["correction"]) == {"linear", "quadratic"}
+
+
+def test_logit_costs_compound_and_stay_additive(bank):
+    import dataclasses
+
+    from blockscale.profile import _logit
+
+    _, _, _, _, profiles = bank
+    logit = dataclasses.replace(profiles, combine="logit", correction=None)
+    t = logit.teacher_accuracy
+    assert logit.cost(0.0) == 0.0
+    # two drops of 10 points each in log-odds: more than 20 points together
+    two = 2 * logit.cost(0.1)
+    assert logit.accuracy(two) < t - 0.2 + 1e-9 or t < 0.3
+    assert logit.accuracy(logit.cost(0.1)) == pytest.approx(t - 0.1)
+    assert logit.cost_of(logit.accuracy(0.37)) == pytest.approx(0.37)
+    assert _logit(0.5) == 0.0
+    plain = dataclasses.replace(profiles, combine="sum", correction=None)
+    assert plain.accuracy(plain.cost(0.05) * 2) == pytest.approx(max(0.0, t - 0.1))

@@ -118,14 +118,20 @@ class Bank:
         return target
 
     def cost_table(self, target: str | None = None) -> CostTable:
-        """Every descendant's drop, latency on ``target``, weights and activations, for selection."""
+        """Every descendant's cost (its accuracy drop, combined as the bank's profile says), latency
+        on ``target``, weights and activations, for selection."""
         profile = self.profile
+        costs = [
+            [dataclasses.replace(p, accuracy_drop=profile.cost(p.accuracy_drop)) for p in family]
+            for family in profile.descendants
+        ]
         return CostTable.from_profiles(
-            profile.descendants, profile.frame, profile.teacher_accuracy, self.target(target)
+            costs, profile.frame, profile.teacher_accuracy, self.target(target)
         )
 
     def _corrected(self, selection: Selection) -> Selection:
-        """``selection`` with its accuracy from the bank's fitted drop correction, if it has one."""
+        """``selection`` with its accuracy mapped from summed costs (log-odds or points) through
+        the bank's fitted correction, if it has one."""
         profile = self.profile
         summed = profile.teacher_accuracy - selection.accuracy
         return dataclasses.replace(selection, accuracy=profile.accuracy(summed))

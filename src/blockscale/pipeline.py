@@ -35,7 +35,9 @@ class BuildConfig:
 
     ``retrain_samples`` images of the training set feed block retraining and a disjoint
     ``profile_samples`` images measure accuracy drops; ``validate_samples`` random selections check
-    the additive estimate (0 skips the check).
+    the additive estimate (0 skips the check). ``combine`` says how per-block drops add up: in
+    accuracy points as LegoDNN (``"sum"``) or in log-odds of accuracy (``"logit"``), which follows
+    compounding drops more closely; both are additive, so selection stays exact.
     """
 
     derive: DeriveConfig = field(default_factory=DeriveConfig)
@@ -45,6 +47,7 @@ class BuildConfig:
     retrain_samples: int = 10_000
     profile_samples: int = 2_000
     validate_samples: int = 20
+    combine: str = "logit"
     seed: int = 0
     blocks: tuple[str, ...] | None = None
 
@@ -61,6 +64,7 @@ class BuildConfig:
             retrain_samples=int(data["retrain_samples"]),
             profile_samples=int(data["profile_samples"]),
             validate_samples=int(data["validate_samples"]),
+            combine=data.get("combine", "sum"),
             seed=int(data["seed"]),
             blocks=tuple(data["blocks"]) if data.get("blocks") else None,
         )
@@ -164,6 +168,7 @@ def build(
     profiles = profile(
         decomposition, families, profile_set, target, config.profile, progress=progress
     )
+    profiles.combine = config.combine
     timings["profile"] = time.perf_counter() - start
     if config.validate_samples:
         start = time.perf_counter()

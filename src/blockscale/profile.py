@@ -10,12 +10,13 @@ drops and latencies add up; weights add up and the activation peak is the larges
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,14 +47,23 @@ class ProfileConfig:
         return asdict(self)
 
 
+Combine = Literal["sum", "logit"]
+_EDGE = 1e-4  # accuracies are clipped to [_EDGE, 1 - _EDGE] before taking log-odds
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, _EDGE), 1.0 - _EDGE)
+    return math.log(p / (1.0 - p))
+
+
 @dataclass(frozen=True)
 class DropCorrection:
-    """A monotone map from the summed per-block drops ``s`` to the drop of the whole selection.
+    """A monotone map from the summed per-block costs ``s`` to the cost of the whole selection.
 
     ``g(s) = linear * s + quadratic * max(s, 0) ** 2``, fitted on measured selections: drops compound
-    when several blocks are pruned hard, which the paper's plain sum misses. Because ``g`` is
-    increasing, the selection that minimises ``s`` under a budget also minimises ``g(s)``: the
-    exact optimum is unchanged, only its accuracy estimate improves.
+    when several blocks are pruned hard, which a plain sum misses. Because ``g`` is increasing, the
+    selection that minimises ``s`` under a budget also minimises ``g(s)``: the exact optimum is
+    unchanged, only its accuracy estimate improves.
     """
 
     linear: float = 1.0
@@ -94,11 +104,29 @@ class BankProfile:
     validation: dict[str, Any] = field(default_factory=dict)
     val_samples: int = 0
     correction: DropCorrection | None = None
+    combine: Combine = "sum"
 
-    def accuracy(self, summed_drop: float) -> float:
-        """Estimated accuracy of a selection whose per-block drops add up to ``summed_drop``."""
-        drop = self.correction(summed_drop) if self.correction else summed_drop
-        return max(0.0, self.teacher_accuracy - drop)
+    def cost(self, drop: float) -> float:
+        """A descendant's additive cost for selection: its accuracy drop, in points (``"sum"``,
+        LegoDNN's model) or in log-odds of accuracy (``"logit"``)."""
+        if self.combine == "sum":
+            return drop
+        return _logit(self.teacher_accuracy) - _logit(self.teacher_accuracy - drop)
+
+    def cost_of(self, accuracy: float) -> float:
+        """The summed cost that a selection measured at ``accuracy`` has (inverse of accuracy)."""
+        if self.combine == "sum":
+            return self.teacher_accuracy - accuracy
+        return _logit(self.teacher_accuracy) - _logit(accuracy)
+
+    def accuracy(self, summed_cost: float, correction: DropCorrection | None = None) -> float:
+        """Estimated accuracy of a selection whose descendants' costs add up to ``summed_cost``,
+        through ``correction`` (default: the bank's own, if any)."""
+        correction = correction or self.correction
+        cost = correction(summed_cost) if correction else summed_cost
+        if self.combine == "sum":
+            return max(0.0, self.teacher_accuracy - cost)
+        return 1.0 / (1.0 + math.exp(cost - _logit(self.teacher_accuracy)))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +137,7 @@ class BankProfile:
             "targets": self.targets,
             "validation": self.validation,
             "correction": self.correction.to_dict() if self.correction else None,
+            "combine": self.combine,
         }
 
     @classmethod
@@ -121,6 +150,7 @@ class BankProfile:
             validation=dict(data.get("validation", {})),
             val_samples=int(data.get("val_samples", 0)),
             correction=DropCorrection(**data["correction"]) if data.get("correction") else None,
+            combine=data.get("combine", "sum"),
         )
 
 
@@ -333,7 +363,7 @@ def estimate(bank_profile: BankProfile, choices: Sequence[int], target: str) -> 
     activation = max([frame.activation_bytes, *(p.activation_bytes for p in parts)])
     weights = frame.weight_bytes + sum(p.weight_bytes for p in parts)
     return {
-        "accuracy": bank_profile.accuracy(sum(p.accuracy_drop for p in parts)),
+        "accuracy": bank_profile.accuracy(sum(bank_profile.cost(p.accuracy_drop) for p in parts)),
         "latency_ms": frame.latency_ms[target] + sum(p.latency_ms[target] for p in parts),
         "memory_mb": (weights + activation) / 2**20,
     }
@@ -393,13 +423,12 @@ def validate(
                 decomposition, [descendants[b][d].module for b, d in enumerate(choices)]
             )
             est = estimate(bank_profile, choices, target.name)
-            summed = sum(
-                bank_profile.descendants[b][d].accuracy_drop for b, d in enumerate(choices)
-            )
+            drops = [bank_profile.descendants[b][d].accuracy_drop for b, d in enumerate(choices)]
             records.append(
                 {
                     "choices": choices,
-                    "summed_drop": summed,
+                    "summed_cost": sum(bank_profile.cost(drop) for drop in drops),
+                    "sum_estimated_accuracy": bank_profile.teacher_accuracy - sum(drops),
                     "estimated_accuracy": est["accuracy"],
                     "measured_accuracy": evaluate(model, val_set, batch_size=config.batch_size),
                     "estimated_latency_ms": est["latency_ms"],
@@ -409,8 +438,7 @@ def validate(
             )
             advance()
     summary = summarize_validation(records, target.name, time.perf_counter() - start)
-    upper = sum(max(p.accuracy_drop for p in family) for family in bank_profile.descendants)
-    summary.update(corrected_accuracy_errors(records, bank_profile.teacher_accuracy, upper))
+    summary.update(corrected_accuracy_errors(records, bank_profile))
     return summary
 
 
@@ -444,23 +472,41 @@ def _side_by_side(
 
 
 def corrected_accuracy_errors(
-    records: Sequence[dict[str, Any]], teacher_accuracy: float, upper: float
+    records: Sequence[dict[str, Any]], bank_profile: BankProfile
 ) -> dict[str, Any]:
     """Accuracy MAE and Spearman of the fitted :class:`DropCorrection`, by leave-one-out, and
     the correction fitted on all records."""
-    summed = [r["summed_drop"] for r in records]
-    measured = [teacher_accuracy - r["measured_accuracy"] for r in records]
+    upper = sum(
+        max(bank_profile.cost(p.accuracy_drop) for p in family)
+        for family in bank_profile.descendants
+    )
+    summed = [r["summed_cost"] for r in records]
+    measured = [bank_profile.cost_of(r["measured_accuracy"]) for r in records]
     predictions = []
     for i in range(len(records)):
         rest = [j for j in range(len(records)) if j != i]
         fit = DropCorrection.fit([summed[j] for j in rest], [measured[j] for j in rest], upper)
-        predictions.append(teacher_accuracy - fit(summed[i]))
+        predictions.append(bank_profile.accuracy(summed[i], fit))
     real = [r["measured_accuracy"] for r in records]
     return {
+        "combine": bank_profile.combine,
         "correction": DropCorrection.fit(summed, measured, upper).to_dict(),
         "corrected_accuracy_mae_points": 100
         * statistics.fmean(abs(p - m) for p, m in zip(predictions, real, strict=True)),
         "corrected_accuracy_spearman": spearman(predictions, real),
+    }
+
+
+def _paper_sum_errors(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy MAE and Spearman of LegoDNN's plain sum of drops, when the records carry it."""
+    if not records or "sum_estimated_accuracy" not in records[0]:
+        return {}
+    est = [r["sum_estimated_accuracy"] for r in records]
+    real = [r["measured_accuracy"] for r in records]
+    return {
+        "sum_accuracy_mae_points": 100
+        * statistics.fmean(abs(e - m) for e, m in zip(est, real, strict=True)),
+        "sum_accuracy_spearman": spearman(est, real),
     }
 
 
@@ -491,6 +537,7 @@ def summarize_validation(
         "accuracy_mae_points": 100
         * statistics.fmean(abs(e - m) for e, m in zip(est_acc, real_acc, strict=True)),
         "accuracy_spearman": spearman(est_acc, real_acc),
+        **_paper_sum_errors(records),
         "latency_mape_percent": 100
         * statistics.fmean(abs(e - m) / m for e, m in zip(est_lat, real_lat, strict=True)),
         "latency_spearman": spearman(est_lat, real_lat),
