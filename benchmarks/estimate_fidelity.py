@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--profile-samples", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--combine", choices=("sum", "logit"), default="logit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-json", default="benchmarks/results/estimate_fidelity.json")
@@ -49,6 +50,7 @@ def main() -> None:
         retrain_samples=args.retrain_samples,
         profile_samples=args.profile_samples,
         validate_samples=0,
+        combine=args.combine,
         target=f"torch-{args.threads}t",
         seed=args.seed,
     )
@@ -71,6 +73,7 @@ def main() -> None:
         bank.decomposition(),
         bank.load_descendants(),
     )
+    profiles.combine = args.combine
     if args.remeasure_latency:
         profiles = add_target(profiles, decomposition, descendants, target, config.profile)
         bank.update(profiles=profiles.to_dict())
