@@ -171,3 +171,105 @@ def test_missing_or_extra_weights_are_errors():
         decode_graph_module(data, {**state, "extra": torch.zeros(1)})
     with pytest.raises(GraphFormatError, match="do not fit"):
         decode_graph_module(data, {**state, "conv.weight": torch.zeros(1)})
+
+
+def _tiny():
+    gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU()))
+    return encode_graph_module(gm), {k: v.clone() for k, v in gm.state_dict().items()}
+
+
+def _splice(data, nodes):
+    """Insert nodes before the output, which then returns the last of them."""
+    out = data["nodes"].pop()
+    data["nodes"].extend(nodes)
+    out["args"] = {"tuple": [{"node": nodes[-1]["name"]}]}
+    data["nodes"].append(out)
+    return data
+
+
+def _call(name, target, *args, op="call_function", **kwargs):
+    node = {"name": name, "op": op, "target": target, "args": {"tuple": list(args)}}
+    if kwargs:
+        node["kwargs"] = {"dict": kwargs}
+    return node
+
+
+def test_the_getattr_escape_is_refused():
+    """x.__class__.__repr__.__globals__['__builtins__']['eval'] would reach any code."""
+    data, state = _tiny()
+    last = data["nodes"][-2]["name"]
+    chain = [
+        _call("a", "builtins.getattr", {"node": last}, "__class__"),
+        _call("b", "builtins.getattr", {"node": "a"}, "__repr__"),
+        _call("c", "builtins.getattr", {"node": "b"}, "__globals__"),
+    ]
+    with pytest.raises(GraphFormatError, match="getattr"):
+        decode_graph_module(_splice(data, chain), state)
+
+
+def test_builtins_take_no_keywords():
+    data, state = _tiny()
+    last = data["nodes"][-2]["name"]
+    node = _call("m", "builtins.max", [{"node": last}, "1"], key={"node": last})
+    with pytest.raises(GraphFormatError, match="not allowed"):
+        decode_graph_module(_splice(data, [node]), state)
+
+
+def test_methods_are_called_on_graph_values_only():
+    data, state = _tiny()
+    node = _call("f", "split", "a,b", ",", op="call_method")
+    with pytest.raises(GraphFormatError, match="not allowed"):
+        decode_graph_module(_splice(data, [node]), state)
+
+
+def test_shape_reads_still_round_trip():
+    class Reshape(nn.Module):
+        def forward(self, x):
+            return x.view(x.shape[0], -1).sum(1)
+
+    gm = fx.symbolic_trace(Reshape())
+    rebuilt = decode_graph_module(encode_graph_module(gm), {})
+    x = torch.randn(3, 2, 2)
+    assert torch.equal(rebuilt(x), gm(x))
+
+
+def test_a_huge_stored_layer_allocates_nothing():
+    data, state = _tiny()
+    data["layers"]["0"]["config"]["out_channels"] = 10**7  # 40 MB of weights it does not have
+    with pytest.raises(GraphFormatError, match="do not fit"):
+        decode_graph_module(data, state)
+
+
+def test_buffers_and_frozen_parameters_keep_their_kind():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("offset", torch.randn(1, 3, 1, 1))
+            self.scale = nn.Parameter(torch.randn(1, 3, 1, 1), requires_grad=False)
+            self.gain = nn.Parameter(torch.randn(1, 3, 1, 1))
+
+        def forward(self, x):
+            return (x + self.offset) * self.scale * self.gain
+
+    gm = fx.symbolic_trace(Scaled())
+    rebuilt = decode_graph_module(encode_graph_module(gm), dict(gm.state_dict()))
+    assert "offset" in dict(rebuilt.named_buffers())
+    params = dict(rebuilt.named_parameters())
+    assert not params["scale"].requires_grad and params["gain"].requires_grad
+    x = torch.randn(2, 3, 2, 2)
+    assert torch.equal(rebuilt(x), gm(x))
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda d: d["nodes"][-1].pop("args"),
+        lambda d: d["layers"].update({"a..b": d["layers"]["0"]}),
+        lambda d: d.update(nodes="nonsense"),
+    ],
+)
+def test_malformed_graphs_are_typed_errors(mangle):
+    data, state = _tiny()
+    mangle(data)
+    with pytest.raises(GraphFormatError):
+        decode_graph_module(data, state)

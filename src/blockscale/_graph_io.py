@@ -35,6 +35,7 @@ _NAMESPACES: dict[str, Any] = {
 _BUILTINS = frozenset({"getattr", "len", "min", "max", "abs", "int", "float"})
 _TORCH_DENIED = frozenset({"from_file", "save", "load", "set_default_device", "set_default_dtype"})
 _OPERATOR_DENIED = frozenset({"attrgetter", "itemgetter", "methodcaller", "call"})
+_TENSOR_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "layout"})
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _SKIPPED_INIT_ARGS = frozenset({"device", "dtype", "self"})
 
@@ -83,13 +84,36 @@ def resolve_function(qualified: str) -> Callable:
     return fn
 
 
-def _check_method(name: str) -> str:
-    if not isinstance(name, str) or name.startswith("_") or not hasattr(torch.Tensor, name):
+def _check_method(name: str, args: tuple) -> str:
+    """A tensor method name, called on a value the graph computed (never on a literal)."""
+    if (
+        not isinstance(name, str)
+        or name.startswith("_")
+        or not hasattr(torch.Tensor, name)
+        or not args
+        or not isinstance(args[0], fx.Node)
+    ):
         raise GraphFormatError(
-            f"stored graph calls the tensor method {name!r}, which is not allowed",
+            f"stored graph calls the method {name!r} in a way that is not allowed",
             hint="the bank was not written by blockscale or was tampered with; rebuild it",
         )
     return name
+
+
+def _check_builtin_call(qualified: str, args: tuple, kwargs: dict) -> None:
+    """Builtins take no keywords (``min(..., key=eval)``), and ``getattr`` reads only the tensor
+    attributes ``torch.fx`` traces (``x.shape``): never a dunder that leads out of the graph."""
+    if not qualified.startswith("builtins."):
+        return
+    allowed_getattr = (
+        len(args) == 2 and isinstance(args[0], fx.Node) and args[1] in _TENSOR_ATTRIBUTES
+    )
+    if kwargs or (qualified == "builtins.getattr" and not allowed_getattr):
+        raise GraphFormatError(
+            f"stored graph calls {qualified} with arguments {args!r} {kwargs!r}, "
+            "which is not allowed",
+            hint="the bank was not written by blockscale or was tampered with; rebuild it",
+        )
 
 
 def encode_arg(value: Any) -> Any:
@@ -218,26 +242,45 @@ def decode_layer(spec: dict[str, Any]) -> nn.Module:
         raise GraphFormatError(f"stored {cls.__name__} cannot be built: {exc}") from exc
 
 
+def _describe_attr(
+    params: dict[str, nn.Parameter], buffers: dict[str, torch.Tensor], path: str
+) -> dict[str, Any]:
+    """A tensor the graph reads, as data: parameter (trainable or not) or buffer."""
+    if path in params:
+        return {"name": path, "kind": "parameter", "requires_grad": params[path].requires_grad}
+    if path in buffers:
+        return {"name": path, "kind": "buffer", "requires_grad": False}
+    raise GraphFormatError(
+        f"the graph reads {path!r}, a tensor that is neither a parameter nor a buffer, so it "
+        "would not be saved",
+        hint="register the tensor with register_buffer (or make it a parameter)",
+    )
+
+
 def encode_graph_module(gm: fx.GraphModule, *, slots: frozenset[str] = frozenset()) -> dict:
     """Describe ``gm`` as JSON-able data; ``slots`` are call_module targets filled in at load time."""
     nodes: list[dict[str, Any]] = []
     layers: dict[str, dict] = {}
-    attrs: list[str] = []
+    attrs: list[dict[str, Any]] = []
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    buffers = dict(gm.named_buffers(remove_duplicate=False))
     for node in gm.graph.nodes:
         entry: dict[str, Any] = {"name": node.name, "op": node.op}
         if node.op == "placeholder":
             entry["target"] = str(node.target)
         elif node.op == "get_attr":
             entry["target"] = str(node.target)
-            attrs.append(str(node.target))
+            if all(a["name"] != node.target for a in attrs):
+                attrs.append(_describe_attr(params, buffers, str(node.target)))
         elif node.op == "call_module":
             entry["target"] = str(node.target)
             if node.target not in slots and node.target not in layers:
                 layers[node.target] = encode_layer(gm.get_submodule(node.target), node.target)
         elif node.op == "call_function":
             entry["target"] = function_name(node.target)
+            _check_builtin_call(entry["target"], tuple(node.args), dict(node.kwargs))
         elif node.op == "call_method":
-            entry["target"] = _check_method(node.target)
+            entry["target"] = _check_method(node.target, tuple(node.args))
         if node.op != "placeholder" or node.args:
             entry["args"] = encode_arg(tuple(node.args))
         if node.kwargs:
@@ -271,27 +314,43 @@ def decode_graph_module(
 ) -> fx.GraphModule:
     """Rebuild a graph module from :func:`encode_graph_module`'s data and its state dict.
 
-    The state dict must hold exactly the module's parameters and buffers (strict), so a missing or
-    surplus tensor is an error rather than a silently random weight.
+    Layers are first built without memory (on the meta device) and take their tensors from the
+    state dict, which must hold exactly the module's parameters and buffers: a missing, surplus or
+    misshapen tensor is an error, never a silently random weight or a huge allocation.
     """
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+        found = (data.get("format"), data.get("version")) if isinstance(data, dict) else data
         raise GraphFormatError(
-            f"stored graph has format {data.get('format')!r} version {data.get('version')!r}; "
-            f"this release reads {FORMAT!r} version {VERSION}"
+            f"stored graph has format and version {found!r}; this release reads {FORMAT!r} "
+            f"version {VERSION}"
         )
-    slots = slots or {}
+    try:
+        return _decode(data, state, slots or {}, class_name)
+    except GraphFormatError:
+        raise
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
+        raise GraphFormatError(f"stored graph is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(
+    data: dict, state: dict[str, torch.Tensor], slots: dict[str, nn.Module], class_name: str
+) -> fx.GraphModule:
     root = nn.Module()
-    for path, spec in data.get("layers", {}).items():
-        _install(root, path, decode_layer(spec))
+    layers = data.get("layers", {})
+    with torch.device("meta"):
+        for path, spec in layers.items():
+            _install(root, path, decode_layer(spec))
     for path, module in slots.items():
         _install(root, path, module)
-    param_names = {name for name, _ in root.named_parameters()}
-    for path in data.get("attrs", []):
-        if path not in state:
-            raise GraphFormatError(f"stored graph reads the tensor {path!r}, which has no weights")
-        if path not in param_names:
-            tensor = state[path].clone()
-            _install(root, path, nn.Parameter(tensor) if tensor.is_floating_point() else tensor)
+    for attr in data.get("attrs", []):
+        name = str(attr["name"])
+        if name not in state:
+            raise GraphFormatError(f"stored graph reads the tensor {name!r}, which has no weights")
+        tensor = state[name]
+        if attr.get("kind") == "parameter":
+            _install(root, name, nn.Parameter(tensor, requires_grad=bool(attr["requires_grad"])))
+        else:
+            _install(root, name, tensor)
 
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
@@ -307,13 +366,16 @@ def decode_graph_module(
             node = graph.get_attr(str(entry["target"]))
         elif op == "call_module":
             target = str(entry["target"])
-            if target not in data.get("layers", {}) and target not in slots:
+            if target not in layers and target not in slots:
                 raise GraphFormatError(f"stored graph calls an undeclared layer {target!r}")
             node = graph.call_module(target, args, kwargs)
         elif op == "call_function":
-            node = graph.call_function(resolve_function(str(entry["target"])), args, kwargs)
+            qualified = str(entry["target"])
+            fn = resolve_function(qualified)
+            _check_builtin_call(qualified, args, kwargs)
+            node = graph.call_function(fn, args, kwargs)
         elif op == "call_method":
-            node = graph.call_method(_check_method(entry["target"]), args, kwargs)
+            node = graph.call_method(_check_method(entry["target"], args), args, kwargs)
         else:
             raise GraphFormatError(f"stored graph has a node of unknown kind {op!r}")
         node.name = str(name)
@@ -322,13 +384,14 @@ def decode_graph_module(
     gm = fx.GraphModule(root, graph, class_name=class_name)
     own = {k: v for k, v in state.items() if not any(k.startswith(f"{s}.") for s in slots)}
     try:
-        result = gm.load_state_dict(own, strict=False)
+        result = gm.load_state_dict(own, strict=False, assign=True)
     except RuntimeError as exc:
         raise GraphFormatError(f"stored weights do not fit the stored graph: {exc}") from exc
     missing = [k for k in result.missing_keys if not any(k.startswith(f"{s}.") for s in slots)]
-    if missing or result.unexpected_keys:
+    unfilled = [n for n, t in (*gm.named_parameters(), *gm.named_buffers()) if t.is_meta]
+    if missing or result.unexpected_keys or unfilled:
         raise GraphFormatError(
             "stored weights do not fit the stored graph "
-            f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+            f"(missing {(missing or unfilled)[:5]}, unexpected {result.unexpected_keys[:5]})"
         )
     return gm
