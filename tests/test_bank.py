@@ -1,4 +1,6 @@
 import json
+import math
+import os
 import shutil
 
 import pytest
@@ -179,3 +181,57 @@ def test_zoo_bank_round_trip(tmp_path):
     bank = Bank.write(tmp_path / "bank", d, families)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(Bank.open(bank.path).compose([0] * 9)(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "name", ["../outside.safetensors", "/dev/zero", "blocks/../../x.safetensors"]
+)
+def test_weight_files_outside_the_bank_are_refused(built, tmp_path, name):
+    from blockscale.bank import _write_manifest
+
+    _, _, _, bank = built
+    shutil.copytree(bank.path, tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / MANIFEST).read_text())
+    record = manifest["files"].pop("frame.safetensors")
+    manifest["files"][name] = record
+    manifest["frame"]["file"] = name
+    _write_manifest(tmp_path / "b", manifest)
+    with pytest.raises(BankCorruptError, match="never holds"):
+        Bank.open(tmp_path / "b", verify=False)
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_bank(built, tmp_path):
+    _, d, families, _ = built
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(BankError, match="not a bank"):
+        Bank.write(precious, d, families, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_banks_are_readable_by_others(built, tmp_path):
+    import stat
+
+    _, d, families, _ = built
+    old = os.umask(0o022)
+    try:
+        bank = Bank.write(tmp_path / "bank", d, families)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(bank.path.stat().st_mode) == 0o755
+
+
+def test_manifest_is_standard_json_even_with_nan(built, tmp_path):
+    _, d, families, _ = built
+    bank = Bank.write(tmp_path / "bank", d, families, extra={"profiles": {"spearman": math.nan}})
+    text = (bank.path / MANIFEST).read_text()
+    assert "NaN" not in text
+    assert json.loads(text)["profiles"] == {"spearman": None}
+    assert Bank.open(bank.path).manifest["profiles"] == {"spearman": None}
+
+
+def test_negative_indices_are_refused(built):
+    _, _, _, bank = built
+    with pytest.raises(BankError, match="no descendant"):
+        bank.load_descendant(0, -1)

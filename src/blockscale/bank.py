@@ -3,8 +3,8 @@
 Layout of a bank directory::
 
     manifest.json        schema version, teacher, plan, derive config, every architecture as data,
-                         profiles, and the sha256 and size of every weight file
-    manifest.sha256      sha256 of manifest.json, in ``sha256sum -c`` format
+                         profiles, the sha256 and size of every weight file, and the sha256 of
+                         its own content
     frame.safetensors    weights of the frame
     blocks/bB-dD.safetensors  weights of descendant D of block B
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -46,7 +48,7 @@ FORMAT = "blockscale-bank"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SELECTOR_BLOCKS = 12  # up to this many blocks, selection answers from a precomputed Pareto set
-MANIFEST_SUM = "manifest.sha256"
+CHECKSUM_KEY = "manifest_sha256"
 FRAME_FILE = "frame.safetensors"
 
 
@@ -90,7 +92,7 @@ class Bank:
         ]
         self._selectors: dict[str, Selector] = {}
         self.files = {
-            name: FileRecord(str(rec["sha256"]), int(rec["bytes"]))
+            _checked_name(name): FileRecord(str(rec["sha256"]), int(rec["bytes"]))
             for name, rec in manifest["files"].items()
         }
 
@@ -189,8 +191,16 @@ class Bank:
                 f"{path} already exists",
                 hint="choose another path, or pass overwrite=True (--overwrite) to replace it",
             )
+        if path.exists() and not _replaceable(path):
+            raise BankError(
+                f"{path} exists and is not a bank, so overwrite will not delete it",
+                hint="choose another path for the bank",
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a bank is shareable
         try:
             manifest = cls._write_contents(
                 tmp, decomposition, descendants, teacher, derive_config, extra
@@ -291,19 +301,18 @@ class Bank:
                 f"no bank at {path}",
                 hint="write one with `blockscale derive --out PATH` (or blockscale.Bank.write)",
             )
-        manifest_bytes = _read(path / MANIFEST)
-        sum_text = _read(path / MANIFEST_SUM).decode("ascii", errors="replace").split()
-        if not sum_text or sum_text[0] != _sha256(manifest_bytes):
-            raise BankCorruptError(
-                f"{path / MANIFEST} does not match {MANIFEST_SUM}: the manifest was altered",
-                hint="rebuild the bank, or restore it from a trusted copy",
-            )
         try:
-            manifest = json.loads(manifest_bytes)
+            manifest = json.loads(_read(path / MANIFEST))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BankCorruptError(f"{path / MANIFEST} is not valid JSON: {exc}") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise BankCorruptError(f"{path / MANIFEST} is not a blockscale bank manifest")
+        recorded = manifest.pop(CHECKSUM_KEY, None)
+        if recorded != _manifest_digest(manifest):
+            raise BankCorruptError(
+                f"{path / MANIFEST} does not match its own {CHECKSUM_KEY}: the manifest was altered",
+                hint="rebuild the bank, or restore it from a trusted copy",
+            )
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise BankVersionError(
@@ -313,7 +322,7 @@ class Bank:
             )
         try:
             bank = cls(path, manifest)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise BankCorruptError(f"{path / MANIFEST} is missing or mangles {exc}") from exc
         if verify:
             for name in bank.files:
@@ -325,7 +334,18 @@ class Bank:
         record = self.files.get(name)
         if record is None:
             raise BankCorruptError(f"{self.path / name} is not listed in the bank's manifest")
-        data = _read(self.path / name)
+        target = self.path / name
+        try:
+            size = target.stat().st_size if target.is_file() else -1
+        except OSError:
+            size = -1
+        if size >= 0 and size != record.bytes:
+            raise BankCorruptError(
+                f"{target} has {size} bytes, the manifest records {record.bytes}: "
+                "it is truncated or was replaced",
+                hint="rebuild the bank, or restore it from a trusted copy",
+            )
+        data = _read(target)
         if len(data) != record.bytes:
             raise BankCorruptError(
                 f"{self.path / name} has {len(data)} bytes, the manifest records {record.bytes}: "
@@ -345,8 +365,10 @@ class Bank:
     def load_descendant(self, block: int, index: int) -> fx.GraphModule:
         """Rebuild descendant ``index`` of ``block`` from its stored graph and verified weights."""
         try:
+            if block < 0 or index < 0:
+                raise IndexError(block if block < 0 else index)
             entry = self.manifest["descendants"][block][index]
-        except (IndexError, KeyError):
+        except (IndexError, KeyError, TypeError):
             raise BankError(
                 f"the bank has no descendant {index} of block {block}",
                 hint=f"blocks are 0..{self.plan.num_blocks - 1}; "
@@ -442,6 +464,36 @@ def _config_of(descendants: Sequence[Sequence[Descendant]]) -> DeriveConfig:
     return DeriveConfig(sparsities=tuple(d.info.sparsity for d in descendants[0]))
 
 
+_FILE_NAME = re.compile(r"^(frame|blocks/b\d+-d\d+)\.safetensors$")
+
+
+def _checked_name(name: str) -> str:
+    """A weight file name as the bank writes it: nothing that could point outside the bank."""
+    if not isinstance(name, str) or not _FILE_NAME.match(name):
+        raise BankCorruptError(
+            f"the manifest lists a weight file named {name!r}, which a bank never holds",
+            hint="the bank was not written by blockscale or was tampered with; rebuild it",
+        )
+    return name
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's content in canonical JSON (key order and spacing do not count)."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return _sha256(canonical.encode())
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, so it is standard JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -455,15 +507,13 @@ def _read(path: Path) -> bytes:
 
 
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    """Write manifest.json and its checksum, each through a temporary file and a rename."""
-    data = (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode()
-    for name, content in (
-        (MANIFEST, data),
-        (MANIFEST_SUM, f"{_sha256(data)}  {MANIFEST}\n".encode()),
-    ):
-        tmp = root / f".{name}.tmp"
-        tmp.write_bytes(content)
-        os.replace(tmp, root / name)
+    """Write manifest.json, holding its own content digest, through a temporary file and a
+    rename: one atomic step, so an interrupted update leaves the old manifest whole."""
+    body = json_safe({k: v for k, v in manifest.items() if k != CHECKSUM_KEY})
+    data = json.dumps({**body, CHECKSUM_KEY: _manifest_digest(body)}, indent=1, allow_nan=False)
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_bytes((data + "\n").encode())
+    os.replace(tmp, root / MANIFEST)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -471,11 +521,17 @@ def _replace_dir(src: Path, dst: Path) -> None:
     if not dst.exists():
         os.rename(src, dst)
         return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    os.rename(dst, old)
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+    os.rename(dst, old / "bank")
     try:
         os.rename(src, dst)
     except BaseException:
-        os.rename(old, dst)
+        os.rename(old / "bank", dst)
+        shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _replaceable(path: Path) -> bool:
+    """Only a bank (a folder with a manifest) or an empty folder may be replaced."""
+    return path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))
