@@ -194,9 +194,14 @@ def test_an_existing_output_is_kept_unless_overwritten(data, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     assert not _work(out).exists()
 
+    with pytest.raises(BankError, match="not a bank"):
+        _build(data, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+
+    (out / "keep.txt").unlink()
     quick = BuildConfig(**{**vars(CONFIG), "validate_samples": 0})
+    _build(data, out, overwrite=True)
     bank, _ = _build(data, out, quick, overwrite=True)
-    assert not (out / "keep.txt").exists()
     assert Bank.open(out).profile.validation == {}
     assert "validate" not in bank.manifest["timings"]
 

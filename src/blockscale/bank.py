@@ -186,16 +186,7 @@ class Bank:
             raise BankError(
                 f"got descendants for {len(descendants)} blocks, plan has {plan.num_blocks}"
             )
-        if path.exists() and not overwrite:
-            raise BankError(
-                f"{path} already exists",
-                hint="choose another path, or pass overwrite=True (--overwrite) to replace it",
-            )
-        if path.exists() and not _replaceable(path):
-            raise BankError(
-                f"{path} exists and is not a bank, so overwrite will not delete it",
-                hint="choose another path for the bank",
-            )
+        check_destination(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         umask = os.umask(0)
@@ -532,6 +523,17 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _replaceable(path: Path) -> bool:
-    """Only a bank (a folder with a manifest) or an empty folder may be replaced."""
-    return path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))
+def check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse to write a bank over anything but a bank (with ``overwrite``) or an empty folder."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise BankError(
+            f"{path} already exists",
+            hint="choose another path, or pass overwrite=True (--overwrite) to replace it",
+        )
+    if not (path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))):
+        raise BankError(
+            f"{path} exists and is not a bank, so overwrite will not delete it",
+            hint="choose another path for the bank",
+        )

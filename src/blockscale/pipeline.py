@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .bank import Bank
+from .bank import Bank, check_destination
 from .derive import derive
 from .errors import BankError
 from .extract import extract
@@ -112,11 +112,7 @@ def build(
     """Build a bank from ``teacher`` and its training data, resuming an interrupted build."""
     config = config or BuildConfig()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise BankError(
-            f"{out} already exists",
-            hint="choose another path, or pass overwrite=True (--overwrite) to replace it",
-        )
+    check_destination(out, overwrite)
     target = Target.parse(config.target)
     work = out.with_name(f"{out.name}.build")
     work.mkdir(parents=True, exist_ok=True)
