@@ -296,3 +296,40 @@ def test_bad_retrain_config(bad):
 def test_retrain_config_round_trip():
     config = RetrainConfig(epochs=3, cache="disk", cache_dtype="float16", cache_dir="/x")
     assert RetrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_cached_features_survive_in_place_glue():
+    """A frame applying ReLU(inplace=True) between blocks must not alter cached block outputs."""
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from blockscale.extract import extract
+    from blockscale.retrain import FeatureCache
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.b1, self.b2 = nn.Conv2d(1, 4, 3, padding=1), Block(), Block()
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act(self.b2(self.act(self.b1(self.stem(x))))).mean((2, 3))
+
+    torch.manual_seed(0)
+    d = extract(Net().eval(), torch.zeros(1, 1, 8, 8), blocks=["b1", "b2"])
+    data = TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
+    cache = FeatureCache.build(d, data, mode="memory", progress=False)
+    for block in (0, 1):
+        x, y = cache.pair(block, torch.arange(8))
+        with torch.no_grad():
+            assert torch.allclose(d.blocks[block](x), y, atol=1e-6)
+    assert cache.pair(0, torch.arange(8))[1].min() < 0  # the pre-ReLU output was kept

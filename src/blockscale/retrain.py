@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._progress import progress_bar
 from .derive import Descendant
+from .errors import BlockscaleError
 from .extract import Decomposition
 
 CacheMode = Literal["auto", "memory", "disk", "none"]
@@ -143,72 +144,90 @@ class FeatureCache:
     ) -> FeatureCache:
         """Run the teacher once over ``dataset`` and keep every block's input and output."""
         torch_dtype = torch.float16 if dtype == "float16" else torch.float32
-        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-        hooks = [
-            block.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
-            for block in decomposition.blocks
-        ]
         frame = decomposition.frame.eval()
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         n = len(dataset)
         arrays: list[np.ndarray | torch.Tensor] = []
         slots: list[tuple[int, int]] = []
         start = 0
-        try:
-            with (
-                torch.no_grad(),
-                progress_bar("cache teacher features", len(loader), enabled=progress) as advance,
-            ):
-                for images, _ in loader:
-                    captured.clear()
-                    frame(images)
-                    if not arrays:
-                        slots, shapes = _layout(captured)
-                        per_sample = sum(math.prod(s) for s in shapes) * (
-                            2 if dtype == "float16" else 4
-                        )
-                        on_disk = mode == "disk" or (
-                            mode == "auto" and per_sample * n > memory_limit_mb * 2**20
-                        )
-                        arrays = _allocate(shapes, n, torch_dtype, on_disk, directory)
-                    stop = start + len(images)
-                    tensors = _unique(captured)
-                    for array, tensor in zip(arrays, tensors, strict=True):
-                        if isinstance(array, np.ndarray):
-                            array[start:stop] = tensor.to(torch_dtype).numpy()
-                        else:
-                            array[start:stop] = tensor.to(torch_dtype)
-                    start = stop
-                    advance()
-        finally:
-            for h in hooks:
-                h.remove()
+        with (
+            _Recorder(decomposition.blocks) as recorder,
+            torch.no_grad(),
+            progress_bar("cache teacher features", len(loader), enabled=progress) as advance,
+        ):
+            for images, _ in loader:
+                recorder.clear()
+                frame(images)
+                if not arrays:
+                    slots = list(recorder.slots)
+                    shapes = [tuple(t.shape[1:]) for t in recorder.tensors]
+                    per_sample = sum(math.prod(s) for s in shapes) * (
+                        2 if dtype == "float16" else 4
+                    )
+                    on_disk = mode == "disk" or (
+                        mode == "auto" and per_sample * n > memory_limit_mb * 2**20
+                    )
+                    arrays = _allocate(shapes, n, torch_dtype, on_disk, directory)
+                if recorder.slots != slots:
+                    raise BlockscaleError(
+                        "the teacher's blocks shared tensors differently from batch to batch",
+                        hint="cut blocks so that glue code between them does not alter tensors",
+                    )
+                stop = start + len(images)
+                for array, tensor in zip(arrays, recorder.tensors, strict=True):
+                    if isinstance(array, np.ndarray):
+                        array[start:stop] = tensor.to(torch_dtype).numpy()
+                    else:
+                        array[start:stop] = tensor.to(torch_dtype)
+                start = stop
+                advance()
         for array in arrays:
             if isinstance(array, np.memmap):
                 array.flush()
         return cls(arrays, slots)
 
 
-def _unique(captured: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    seen: dict[int, torch.Tensor] = {}
-    for x, y in captured:
-        seen.setdefault(id(x), x)
-        seen.setdefault(id(y), y)
-    return list(seen.values())
+class _Recorder:
+    """Copies of every block's input and output while the teacher runs.
 
+    The input is copied before the block runs and the output right after, so in-place operations
+    anywhere later cannot change them. A block whose input is the previous block's output, with the
+    same values, shares its copy (``slots`` maps each block to (input, output) indices).
+    """
 
-def _layout(
-    captured: list[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[list[tuple[int, int]], list[tuple[int, ...]]]:
-    """Map each block to indices into the de-duplicated list of captured tensors."""
-    position: dict[int, int] = {}
-    shapes: list[tuple[int, ...]] = []
-    for x, y in captured:
-        for t in (x, y):
-            if id(t) not in position:
-                position[id(t)] = len(shapes)
-                shapes.append(tuple(t.shape[1:]))
-    return [(position[id(x)], position[id(y)]) for x, y in captured], shapes
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        self.blocks = blocks
+        self.tensors: list[torch.Tensor] = []
+        self.slots: list[tuple[int, int]] = []
+        self._input = 0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Recorder:
+        for block in self.blocks:
+            self._handles.append(block.register_forward_pre_hook(self._before))
+            self._handles.append(block.register_forward_hook(self._after))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def clear(self) -> None:
+        self.tensors.clear()
+        self.slots.clear()
+
+    def _before(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        last = self.tensors[-1] if self.tensors else None
+        if last is not None and last.shape == x.shape and torch.equal(last, x):
+            self._input = len(self.tensors) - 1
+        else:
+            self.tensors.append(x.detach().clone())
+            self._input = len(self.tensors) - 1
+
+    def _after(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self.tensors.append(out.detach().clone())
+        self.slots.append((self._input, len(self.tensors) - 1))
 
 
 def _allocate(
@@ -235,18 +254,9 @@ def _teacher_pairs(
     decomposition: Decomposition, images: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every block's teacher input and output for one batch, computed afresh (no cache)."""
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hooks = [
-        block.register_forward_hook(lambda m, args, out: captured.append((args[0], out)))
-        for block in decomposition.blocks
-    ]
-    try:
-        with torch.no_grad():
-            decomposition.frame.eval()(images)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
+    with _Recorder(decomposition.blocks) as recorder, torch.no_grad():
+        decomposition.frame.eval()(images)
+    return [(recorder.tensors[i], recorder.tensors[o]) for i, o in recorder.slots]
 
 
 @torch.no_grad()
