@@ -237,3 +237,30 @@ def test_bank_select_is_the_best_estimate_within_budget(reference, tmp_path, com
             assert not fits
             continue
         assert chosen.accuracy == pytest.approx(max(fits), abs=1e-6)
+
+
+def test_another_teacher_does_not_resume_a_stale_stage(data, tmp_path, monkeypatch):
+    out = tmp_path / "bank"
+    monkeypatch.setattr(build_module, "profile", _fail("profile"))
+    with pytest.raises(RuntimeError):
+        _build(data, out)
+    monkeypatch.undo()
+    other = calibrate_bn(tiny_resnet(seed=7), data)
+    logs = []
+    bank = build(other, data, out, CONFIG, progress=False, log=logs.append)
+    assert not any("resuming" in line for line in logs)
+    frame = bank.load_frame()
+    expected = other.state_dict()
+    rebuilt = {k: v for k, v in frame.state_dict().items() if k in expected}
+    assert rebuilt and all(torch.equal(v, expected[k]) for k, v in rebuilt.items())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"combine": "Logit"}, {"validate_samples": -1}, {"profile_samples": 0}, {"target": "cuda"}],
+)
+def test_bad_build_settings_fail_before_any_work(change):
+    from blockscale.errors import BlockscaleError
+
+    with pytest.raises(BlockscaleError):
+        BuildConfig(**{**vars(CONFIG), **change})

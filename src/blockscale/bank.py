@@ -16,6 +16,7 @@ recorded sha256 before it is parsed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -389,6 +390,7 @@ class Bank:
                 hint=f"pass frame=<an instance of {spec['class']}> (e.g. the teacher) to load it",
             )
         names = [b.name for b in self.plan.blocks]
+        frame = copy.deepcopy(frame)  # the bank's weights go into a copy, never the caller's model
         rebuilt = replace_submodules(frame, dict(zip(names, originals, strict=True)))
         result = rebuilt.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not any(k.startswith(f"{n}.") for n in names)]

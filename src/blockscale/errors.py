@@ -15,6 +15,10 @@ class BlockscaleError(Exception):
         super().__init__(f"{message}\n  fix: {hint}" if hint else message)
 
 
+class ConfigError(BlockscaleError, ValueError):
+    """A setting out of its range (an epoch count of 0, a sparsity of 1.5, a negative budget)."""
+
+
 class UnknownModelError(BlockscaleError, KeyError):
     """A model name that the registry does not know."""
 

@@ -7,6 +7,7 @@ checkpoints are ordinary banks: no pickle, verified on reload.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset, Subset
 
 from .bank import Bank, check_destination
 from .derive import derive
-from .errors import BankError
+from .errors import BankError, ConfigError
 from .extract import extract
 from .profile import DropCorrection, ProfileConfig, profile, validate
 from .retrain import RetrainConfig, retrain
@@ -51,6 +52,17 @@ class BuildConfig:
     seed: int = 0
     blocks: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if self.combine not in ("sum", "logit"):
+            raise ConfigError(f"combine must be 'sum' or 'logit', got {self.combine!r}")
+        if self.retrain_samples < 1 or self.profile_samples < 1 or self.validate_samples < 0:
+            raise ConfigError(
+                "retrain_samples and profile_samples must be positive and validate_samples at "
+                f"least 0, got {self.retrain_samples}, {self.profile_samples}, "
+                f"{self.validate_samples}"
+            )
+        Target.parse(self.target)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -70,9 +82,6 @@ class BuildConfig:
         )
 
 
-STAGES = ("derived", "retrained")
-
-
 def training_subsets(dataset: Dataset, config: BuildConfig) -> tuple[Subset, Subset]:
     """Disjoint, seeded subsets of the training set for retraining and for profiling."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
@@ -83,8 +92,27 @@ def training_subsets(dataset: Dataset, config: BuildConfig) -> tuple[Subset, Sub
     return Subset(dataset, retrain_idx), Subset(dataset, profile_idx)
 
 
-def _stage_bank(root: Path, stage: str, config: BuildConfig) -> Bank | None:
-    """The saved bank of ``stage`` if it exists, is intact and was built with ``config``."""
+def _fingerprint(config: BuildConfig, teacher: nn.Module, train_set: Dataset) -> dict[str, Any]:
+    """What a saved stage must match to be resumed: the settings, the teacher's weights and the
+    size of the training set."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    # compared as JSON: the manifest holds lists where the config holds tuples (sparsities)
+    return json.loads(
+        json.dumps(
+            {
+                "config": config.to_dict(),
+                "teacher_sha256": digest.hexdigest(),
+                "train_images": len(train_set),
+            }
+        )
+    )
+
+
+def _stage_bank(root: Path, stage: str, fingerprint: dict[str, Any]) -> Bank | None:
+    """The saved bank of ``stage`` if it exists, is intact and was made from the same inputs."""
     path = root / stage
     if not path.is_dir():
         return None
@@ -92,9 +120,7 @@ def _stage_bank(root: Path, stage: str, config: BuildConfig) -> Bank | None:
         bank = Bank.open(path)
     except BankError:
         return None
-    # compare as JSON: the manifest holds lists where the config holds tuples (sparsities)
-    wanted = json.loads(json.dumps(config.to_dict()))
-    return bank if bank.manifest.get("build") == wanted else None
+    return bank if bank.manifest.get("build_inputs") == fingerprint else None
 
 
 def build(
@@ -118,9 +144,9 @@ def build(
     work.mkdir(parents=True, exist_ok=True)
     retrain_set, profile_set = training_subsets(train_set, config)
     shape = input_shape or tuple(train_set[0][0].shape)
-    extra = {"build": config.to_dict()}
+    fingerprint = _fingerprint(config, teacher, train_set)
+    extra = {"build": config.to_dict(), "build_inputs": fingerprint}
     timings: dict[str, float] = {}
-    teacher = teacher.eval()
 
     def save(path: Path, sections: dict[str, Any]) -> Bank:
         return Bank.write(
@@ -133,8 +159,8 @@ def build(
             overwrite=True,
         )
 
-    retrained = _stage_bank(work, "retrained", config)
-    derived = None if retrained else _stage_bank(work, "derived", config)
+    retrained = _stage_bank(work, "retrained", fingerprint)
+    derived = None if retrained else _stage_bank(work, "derived", fingerprint)
     if retrained is not None:
         log(f"resuming from {work / 'retrained'}")
         decomposition = retrained.decomposition(frame=teacher)

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._progress import progress_bar
 from .derive import Descendant
+from .errors import ConfigError
 from .extract import Decomposition, compose
 from .targets import Target
 from .train import evaluate
@@ -408,7 +409,7 @@ def validate(
     correlation, and every measured selection.
     """
     if samples < 1:
-        raise ValueError(f"validate needs at least one sample, got {samples}")
+        raise ConfigError(f"validate needs at least one sample, got {samples}")
     config = config or ProfileConfig()
     rng = random.Random(seed)
     plan = decomposition.plan

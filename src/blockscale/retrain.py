@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._progress import progress_bar
 from .derive import Descendant
-from .errors import BlockscaleError
+from .errors import BlockscaleError, ConfigError
 from .extract import Decomposition
 
 CacheMode = Literal["auto", "memory", "disk", "none"]
@@ -55,13 +55,13 @@ class RetrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"epochs, batch_size and lr must be positive, got {self}")
+            raise ConfigError(f"epochs, batch_size and lr must be positive, got {self}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.cache not in ("auto", "memory", "disk", "none"):
-            raise ValueError(f"cache must be auto, memory, disk or none, got {self.cache!r}")
+            raise ConfigError(f"cache must be auto, memory, disk or none, got {self.cache!r}")
         if self.cache_dtype not in ("float32", "float16"):
-            raise ValueError(f"cache_dtype must be float32 or float16, got {self.cache_dtype!r}")
+            raise ConfigError(f"cache_dtype must be float32 or float16, got {self.cache_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -358,7 +358,6 @@ def _distill(
     optimizers = {}
     for family in trainable:
         for d in family:
-            torch.manual_seed(config.seed + 7919 * d.info.block + d.info.index)
             optimizers[d.info.key] = torch.optim.Adam(
                 d.module.parameters(), lr=config.lr, weight_decay=config.weight_decay
             )

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._progress import progress_bar
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"epochs, batch_size and lr must be positive, got {self}")
+            raise ConfigError(f"epochs, batch_size and lr must be positive, got {self}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from .errors import ConfigError
+
 FrameKind = Literal["graph", "module"]
 
 
@@ -103,15 +105,19 @@ class DeriveConfig:
 
     def __post_init__(self) -> None:
         if not self.sparsities:
-            raise ValueError("DeriveConfig.sparsities must name at least one level")
+            raise ConfigError("DeriveConfig.sparsities must name at least one level")
         if any(not 0.0 <= s < 1.0 for s in self.sparsities):
-            raise ValueError(f"sparsities must lie in [0, 1), got {self.sparsities}")
-        if len(set(self.sparsities)) != len(self.sparsities):
-            raise ValueError(f"sparsities must be distinct, got {self.sparsities}")
+            raise ConfigError(f"sparsities must lie in [0, 1), got {self.sparsities}")
+        if self.sparsities[0] != 0.0 or list(self.sparsities) != sorted(set(self.sparsities)):
+            raise ConfigError(
+                f"sparsities must start at 0 (the original block) and increase, got "
+                f"{self.sparsities}",
+                hint="e.g. 0,0.2,0.4,0.6,0.8,0.9",
+            )
         if self.round_to is not None and self.round_to < 1:
-            raise ValueError(f"round_to must be a positive integer, got {self.round_to}")
+            raise ConfigError(f"round_to must be a positive integer, got {self.round_to}")
         if self.importance not in ("l1", "l2"):
-            raise ValueError(f"importance must be 'l1' or 'l2', got {self.importance!r}")
+            raise ConfigError(f"importance must be 'l1' or 'l2', got {self.importance!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,7 +175,7 @@ class Budget:
         for name in ("latency_ms", "memory_mb"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise ValueError(f"Budget.{name} must be positive, got {value}")
+                raise ConfigError(f"Budget.{name} must be positive, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
