@@ -197,14 +197,13 @@ def test_memory_cache_leaves_no_folder_behind(setup, spy_cache, tmp_path):
     assert list(tmp_path.glob("blockscale-*")) == []
 
 
-def test_disk_cache_in_a_given_folder_is_kept(setup, spy_cache, tmp_path):
+def test_disk_cache_in_a_given_folder_is_used_then_removed(setup, spy_cache, tmp_path):
     folder = tmp_path / "features"
-    _run(setup, cache="disk", cache_dir=str(folder))
-    assert sorted(p.name for p in folder.iterdir()) == [f"feature-{i}.npy" for i in range(3)]
-    teacher, _, data = setup
-    features = _teacher_features(teacher, _images(data, range(N)))
-    stored = np.load(folder / "feature-2.npy")
-    np.testing.assert_allclose(stored, features[1][1].numpy(), atol=1e-5)
+    _, report = _run(setup, cache="disk", cache_dir=str(folder))
+    assert report.cache == "disk"
+    paths = [path for _, path in spy_cache[-1]]
+    assert len(paths) == 3 and all(p.parent.parent == folder for p in paths)
+    assert folder.is_dir() and not any(folder.iterdir())  # its own subfolder was removed
 
 
 def _count_calls(module):

@@ -361,7 +361,7 @@ def build(
                     f"--out {shipped}, or pass --checkpoint",
                 )
             chosen = shipped
-        net, shape, description = _teacher(None, chosen, dataset, None)
+        net, shape, description = _teacher(model if checkpoint else None, chosen, dataset, None)
         config = BuildConfig(
             derive=DeriveConfig(sparsities=_floats(sparsities, "--sparsities"), round_to=round_to),
             retrain=RetrainConfig(

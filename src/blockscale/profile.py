@@ -3,8 +3,9 @@
 For every descendant: the accuracy drop when it alone replaces its block in the teacher (on a
 validation set), MACs and parameters, memory, and batch-1 latency on a target. Memory is the
 parameter and buffer bytes plus the peak bytes of activations alive at once while the block runs
-at batch 1, its input included. A selection's estimate adds the parts, as LegoDNN does: accuracy
-drops and latencies add up; weights add up and the activation peak is the largest block's.
+at batch 1, its input included. A selection's estimate adds the parts, as LegoDNN does: latencies
+and weights add up, the activation peak is the largest block's, and accuracy drops add up either in
+points (LegoDNN) or in log-odds of accuracy (``BankProfile.combine``), which follows compounding.
 :func:`validate` then measures a sample of random selections to report the estimate's error.
 """
 

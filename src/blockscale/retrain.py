@@ -37,7 +37,8 @@ CacheMode = Literal["auto", "memory", "disk", "none"]
 class RetrainConfig:
     """How descendants are distilled.
 
-    ``cache``: ``"memory"``, ``"disk"`` (memory-mapped files in ``cache_dir`` or a temporary folder),
+    ``cache``: ``"memory"``, ``"disk"`` (memory-mapped files in a temporary folder, made inside
+    ``cache_dir`` when given and removed afterwards),
     ``"auto"`` (memory when the features fit in ``memory_limit_mb``), or ``"none"`` (rerun the
     teacher on every batch of every epoch, as LegoDNN's code does; for comparison).
     """
@@ -239,7 +240,12 @@ def _allocate(
 ) -> list[np.ndarray | torch.Tensor]:
     if not on_disk:
         return [torch.empty((n, *s), dtype=dtype) for s in shapes]
-    folder = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="blockscale-cache-"))
+    if directory is None:
+        raise ConfigError(
+            "features too large for memory need a folder for their memory-mapped files",
+            hint="pass directory= to FeatureCache.build (retrain makes and removes one itself)",
+        )
+    folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
     return [
@@ -285,18 +291,12 @@ def retrain(
     """
     config = config or RetrainConfig()
     work_dir: Path | None = None
-    if config.cache in ("disk", "auto") and config.cache_dir is None:
-        work_dir = Path(tempfile.mkdtemp(prefix="blockscale-cache-"))
+    if config.cache in ("disk", "auto"):
+        if config.cache_dir is not None:
+            Path(config.cache_dir).mkdir(parents=True, exist_ok=True)
+        work_dir = Path(tempfile.mkdtemp(prefix="blockscale-cache-", dir=config.cache_dir))
     try:
-        return _distill(
-            decomposition,
-            descendants,
-            dataset,
-            config,
-            Path(config.cache_dir) if config.cache_dir else work_dir,
-            progress,
-            on_epoch,
-        )
+        return _distill(decomposition, descendants, dataset, config, work_dir, progress, on_epoch)
     finally:
         if work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)
