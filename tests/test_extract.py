@@ -197,3 +197,17 @@ def test_random_chains_compose_exactly(depth, widths, residual):
         assert d.plan.num_blocks == depth
     x = torch.randn(2, 2, 6, 6)
     assert torch.allclose(compose(d, d.blocks)(x), model(x), atol=1e-6)
+
+
+def test_a_named_block_that_runs_twice_is_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+
+        def forward(self, x):
+            return self.body(self.body(self.stem(x)))
+
+    with pytest.raises(BlockPlanError, match="more than once"):
+        extract(Twice(), torch.randn(1, 3, 8, 8), blocks=["body"])

@@ -333,6 +333,12 @@ class _Graph:
             ]
             if not positions:
                 raise BlockPlanError(f"module {name!r} is never called in forward")
+            calls = [self.nodes[i].target for i in positions if self.nodes[i].op == "call_module"]
+            if len(calls) != len(set(calls)):
+                raise BlockPlanError(
+                    f"block {name!r} runs more than once per forward; a block must run once",
+                    hint="name a module that runs exactly once",
+                )
             entry = positions[0] - 1
             if entry not in cut_set:
                 live = self._live_into(positions[0])
