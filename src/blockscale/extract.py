@@ -333,8 +333,10 @@ class _Graph:
             ]
             if not positions:
                 raise BlockPlanError(f"module {name!r} is never called in forward")
-            calls = [self.nodes[i].target for i in positions if self.nodes[i].op == "call_module"]
-            if len(calls) != len(set(calls)):
+            again = f"{name}@"  # fx marks the second and later calls of a module as name@1, ...
+            if any(
+                k.startswith(again) for n in self.nodes for k in n.meta.get("nn_module_stack", {})
+            ):
                 raise BlockPlanError(
                     f"block {name!r} runs more than once per forward; a block must run once",
                     hint="name a module that runs exactly once",
