@@ -59,7 +59,7 @@ def test_loaded_compositions_equal_the_originals(built):
 def test_manifest_holds_architectures_and_digests(built):
     _, _, _, bank = built
     manifest = json.loads((bank.path / MANIFEST).read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["teacher"]["name"] == "mobilenetv2"
     assert manifest["frame"]["graph"]["nodes"]
     assert set(manifest["files"]) == {

@@ -46,7 +46,7 @@ from .select import CostTable, Selector, frontier, solve
 from .types import BlockPlan, Budget, DeriveConfig, DescendantInfo, Selection
 
 FORMAT = "blockscale-bank"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the manifest holds its own digest; stored tensors say param or buffer
 MANIFEST = "manifest.json"
 SELECTOR_BLOCKS = 12  # up to this many blocks, selection answers from a precomputed Pareto set
 CHECKSUM_KEY = "manifest_sha256"
@@ -299,18 +299,18 @@ class Bank:
             raise BankCorruptError(f"{path / MANIFEST} is not valid JSON: {exc}") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise BankCorruptError(f"{path / MANIFEST} is not a blockscale bank manifest")
-        recorded = manifest.pop(CHECKSUM_KEY, None)
-        if recorded != _manifest_digest(manifest):
-            raise BankCorruptError(
-                f"{path / MANIFEST} does not match its own {CHECKSUM_KEY}: the manifest was altered",
-                hint="rebuild the bank, or restore it from a trusted copy",
-            )
         version = manifest.get("schema_version")
         if version != SCHEMA_VERSION:
             raise BankVersionError(
                 f"{path} has bank schema version {version}; this blockscale reads version "
                 f"{SCHEMA_VERSION}",
                 hint="rebuild the bank with this version of blockscale",
+            )
+        recorded = manifest.pop(CHECKSUM_KEY, None)
+        if recorded != _manifest_digest(manifest):
+            raise BankCorruptError(
+                f"{path / MANIFEST} does not match its own {CHECKSUM_KEY}: the manifest was altered",
+                hint="rebuild the bank, or restore it from a trusted copy",
             )
         try:
             bank = cls(path, manifest)
