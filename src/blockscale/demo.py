@@ -28,7 +28,7 @@ from .train import TrainConfig, evaluate, train
 from .types import Budget
 
 DEFAULT_TEACHER = Path("checkpoints/resnet20-fashion-mnist.safetensors")
-BUDGET_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4)
+BUDGET_STEPS = (1.0, 0.75, 0.5, 0.25, 0.0)  # from the teacher's latency down to the fastest
 
 
 def demo_config() -> BuildConfig:
@@ -99,13 +99,14 @@ def run_demo(
         return evaluate(composed, test_set), target.latency_ms(composed, shape)
 
     teacher_accuracy, teacher_ms = measure(tuple([0] * bank.plan.num_blocks))
-    full = bank.cost_table().estimate([0] * bank.plan.num_blocks)
+    frontier = bank.frontier()
+    slowest, fastest = frontier[-1].latency_ms, frontier[0].latency_ms
     # Drops were profiled on held-out training images; estimates of test accuracy subtract them
     # from the teacher's test accuracy.
     shift = teacher_accuracy - bank.profile.teacher_accuracy
     rows = []
-    for fraction in BUDGET_FRACTIONS:
-        budget = Budget(latency_ms=fraction * full.latency_ms)
+    for step in BUDGET_STEPS:
+        budget = Budget(latency_ms=fastest + step * (slowest - fastest) + 1e-6)
         try:
             chosen = bank.select(budget)
         except InfeasibleBudgetError as exc:
@@ -129,7 +130,7 @@ def run_demo(
         uniform.append(
             {"sparsity": sparsity, "measured_accuracy": accuracy, "measured_latency_ms": latency}
         )
-    frontier = [replace(s, accuracy=s.accuracy + shift) for s in bank.frontier()]
+    frontier = [replace(s, accuracy=s.accuracy + shift) for s in frontier]
     plot = plot_frontier(
         frontier,
         out / "frontier.png",
