@@ -8,6 +8,7 @@ estimated against measured accuracy and latency, next to uniform (model-level) s
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .bank import Bank
 from .data import load_dataset, subset
 from .errors import InfeasibleBudgetError
 from .models import create_model, load_checkpoint, save_checkpoint
@@ -92,44 +94,50 @@ def run_demo(
         log=log,
     )
     target = Target.parse(config.target)
-    shape = bank.plan.input_shape
 
-    def measure(choices: tuple[int, ...]) -> tuple[float, float]:
-        composed = bank.compose(list(choices))
-        return evaluate(composed, test_set), target.latency_ms(composed, shape)
-
-    teacher_accuracy, teacher_ms = measure(tuple([0] * bank.plan.num_blocks))
     frontier = bank.frontier()
     slowest, fastest = frontier[-1].latency_ms, frontier[0].latency_ms
+    chosen: list[tuple[float, Any]] = []
+    for step in BUDGET_STEPS:
+        budget = Budget(latency_ms=fastest + step * (slowest - fastest) + 1e-6)
+        try:
+            chosen.append((budget.latency_ms, bank.select(budget)))
+        except InfeasibleBudgetError as exc:
+            chosen.append((budget.latency_ms, exc.message))
+    n = bank.plan.num_blocks
+    candidates = [tuple([0] * n)]
+    candidates += [tuple(c.choices) for _, c in chosen if not isinstance(c, str)]
+    candidates += [tuple([i] * n) for i in range(len(bank.derive_config.sparsities))]
+    accuracy, latency = _measure(bank, candidates, test_set, target)
+    teacher_accuracy, teacher_ms = accuracy[candidates[0]], latency[candidates[0]]
     # Drops were profiled on held-out training images; estimates of test accuracy subtract them
     # from the teacher's test accuracy.
     shift = teacher_accuracy - bank.profile.teacher_accuracy
     rows = []
-    for step in BUDGET_STEPS:
-        budget = Budget(latency_ms=fastest + step * (slowest - fastest) + 1e-6)
-        try:
-            chosen = bank.select(budget)
-        except InfeasibleBudgetError as exc:
-            rows.append({"budget_ms": budget.latency_ms, "infeasible": exc.message})
+    for budget_ms, selection in chosen:
+        if isinstance(selection, str):
+            rows.append({"budget_ms": budget_ms, "infeasible": selection})
             continue
-        accuracy, latency = measure(chosen.choices)
+        key = tuple(selection.choices)
         rows.append(
             {
-                "budget_ms": budget.latency_ms,
-                "choices": list(chosen.choices),
-                "estimated_accuracy": chosen.accuracy + shift,
-                "measured_accuracy": accuracy,
-                "estimated_latency_ms": chosen.latency_ms,
-                "measured_latency_ms": latency,
-                "memory_mb": chosen.memory_mb,
+                "budget_ms": budget_ms,
+                "choices": list(key),
+                "estimated_accuracy": selection.accuracy + shift,
+                "measured_accuracy": accuracy[key],
+                "estimated_latency_ms": selection.latency_ms,
+                "measured_latency_ms": latency[key],
+                "memory_mb": selection.memory_mb,
             }
         )
-    uniform = []
-    for index, sparsity in enumerate(bank.derive_config.sparsities):
-        accuracy, latency = measure(tuple([index] * bank.plan.num_blocks))
-        uniform.append(
-            {"sparsity": sparsity, "measured_accuracy": accuracy, "measured_latency_ms": latency}
-        )
+    uniform = [
+        {
+            "sparsity": sparsity,
+            "measured_accuracy": accuracy[tuple([i] * n)],
+            "measured_latency_ms": latency[tuple([i] * n)],
+        }
+        for i, sparsity in enumerate(bank.derive_config.sparsities)
+    ]
     frontier = [replace(s, accuracy=s.accuracy + shift) for s in frontier]
     plot = plot_frontier(
         frontier,
@@ -160,3 +168,18 @@ def run_demo(
     summary["validation"] = {k: v for k, v in summary["validation"].items() if k != "records"}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _measure(
+    bank: Bank, candidates: list[tuple[int, ...]], test_set: Any, target: Target, rounds: int = 6
+) -> tuple[dict[tuple[int, ...], float], dict[tuple[int, ...], float]]:
+    """Test accuracy and median latency of each selection; latencies are taken round-robin, so
+    a machine whose speed drifts slows all of them alike."""
+    models = {key: bank.compose(list(key)) for key in dict.fromkeys(candidates)}
+    accuracy = {key: evaluate(model, test_set) for key, model in models.items()}
+    samples: dict[tuple[int, ...], list[float]] = {key: [] for key in models}
+    for _ in range(rounds):
+        for key, model in models.items():
+            (taken,) = target.samples_ms(model, bank.plan.input_shape, warmup=3, repeats=5)
+            samples[key].extend(taken)
+    return accuracy, {key: statistics.median(times) for key, times in samples.items()}
