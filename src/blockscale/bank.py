@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import safetensors
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import fx, nn
 
 from ._graph_io import decode_graph_module, encode_graph_module
@@ -216,7 +217,7 @@ class Bank:
         files: dict[str, dict[str, Any]] = {}
 
         def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
-            data = safetensors.torch.save(tensors)
+            data = save_safetensors(tensors)
             target = root / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
@@ -350,7 +351,7 @@ class Bank:
                 hint="rebuild the bank, or restore it from a trusted copy",
             )
         try:
-            return safetensors.torch.load(data)
+            return load_safetensors(data)
         except (safetensors.SafetensorError, ValueError) as exc:
             raise BankCorruptError(f"{self.path / name} is not a safetensors file: {exc}") from exc
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import safetensors
-import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from blockscale.errors import BlockscaleError, CheckpointError
@@ -54,7 +55,7 @@ def save_checkpoint(
             hint="pass only str, int, float, bool, None, lists and dicts in model_kwargs and extra",
         ) from exc
     metadata["sha256"] = json.dumps(_digest(metadata, tensors))
-    payload = safetensors.torch.save(tensors, metadata=metadata)
+    payload = save_safetensors(tensors, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
@@ -82,7 +83,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, 
         )
     data = path.read_bytes()
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors(data)
         header_len = int.from_bytes(data[:8], "little")
         raw = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
     except (safetensors.SafetensorError, ValueError) as exc:
