@@ -287,11 +287,7 @@ def derive(
             overwrite=overwrite,
         )
 
-    try:
-        bank = _run(run)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    _show_bank(bank, as_json)
+    _show_bank(_run(run), as_json)
 
 
 def _bank_summary(bank: Any) -> dict[str, Any]:
@@ -394,11 +390,7 @@ def build(
             log=log,
         )
 
-    try:
-        bank = _run(run)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    _show_bank(bank, as_json)
+    _show_bank(_run(run), as_json)
 
 
 def _show_profile(bank: Any) -> None:
