@@ -74,6 +74,11 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
         raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _block_names(text: str | None) -> tuple[str, ...] | None:
+    """``--blocks a,b`` as module paths; None means: cut automatically."""
+    return tuple(b.strip() for b in text.split(",") if b.strip()) if text else None
+
+
 def _shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -218,7 +223,7 @@ def inspect_model(
 
     def run() -> Any:
         net, shape, _ = _teacher(model, checkpoint, dataset, input_shape)
-        names = [b.strip() for b in blocks.split(",")] if blocks else None
+        names = _block_names(blocks)
         return extract(net, torch.randn(1, *shape), names).plan
 
     plan = _run(run)
@@ -273,7 +278,7 @@ def derive(
     def run() -> Bank:
         config = DeriveConfig(sparsities=_floats(sparsities, "--sparsities"), round_to=round_to)
         net, shape, description = _teacher(model, checkpoint, dataset, input_shape)
-        names = [b.strip() for b in blocks.split(",")] if blocks else None
+        names = _block_names(blocks)
         decomposition = extract(net, torch.randn(1, *shape), names)
         total = decomposition.plan.num_blocks * len(config.sparsities)
         with progress_bar("derive", total, enabled=not as_json) as advance:
@@ -374,7 +379,7 @@ def build(
             profile_samples=profile_samples,
             validate_samples=validate_samples,
             seed=seed,
-            blocks=tuple(b.strip() for b in blocks.split(",")) if blocks else None,
+            blocks=_block_names(blocks),
         )
         train_set = load_dataset(description.get("dataset", dataset), "train", root=data_root)
         log = (lambda text: None) if as_json else _err.print
