@@ -48,11 +48,9 @@ def _converged_time(times: list[float], values: list[float], tolerance: float) -
     return times[-1]
 
 
-def bank_run(teacher, train_set, val_set, sparsities, epochs, batch_size, lr, tolerance) -> dict:
+def bank_run(decomposition, families, train_set, val_set, args) -> dict:
     """Retrain the bank, recording each descendant's accuracy drop after every epoch."""
-    decomposition = extract(teacher, train_set[0][0].unsqueeze(0))
-    families = derive(decomposition, DeriveConfig(sparsities=sparsities))
-    teacher_acc = evaluate(teacher, val_set)
+    teacher_acc = evaluate(compose(decomposition, decomposition.blocks), val_set)
     times, drops = [0.0], [_drops(decomposition, families, val_set, teacher_acc)]
 
     def record(epoch: int, seconds: float) -> None:
@@ -60,12 +58,13 @@ def bank_run(teacher, train_set, val_set, sparsities, epochs, batch_size, lr, to
         drops.append(_drops(decomposition, families, val_set, teacher_acc))
 
     cfg = RetrainConfig(
-        epochs=epochs, lr=lr, batch_size=batch_size, cache="memory", val_fraction=0.0
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, cache="memory", val_fraction=0
     )
     report = retrain(decomposition, families, train_set, cfg, progress=False, on_epoch=record)
     times = [t + report.cache_seconds for t in times]  # the teacher pass is part of the cost
     times[0] = 0.0
     per_descendant = list(zip(*drops, strict=True))
+    tolerance = args.tolerance / 100
     to_quality = max(_converged_time(times, list(d), tolerance) for d in per_descendant)
     return {
         "seconds": report.cache_seconds + report.train_seconds,
@@ -88,24 +87,20 @@ def _drops(decomposition, families, val_set, teacher_acc) -> list[float]:
     return out
 
 
-def model_level_run(
-    teacher, train_set, val_set, sparsities, epochs, batch_size, lr, tolerance
-) -> dict:
+def model_level_run(decomposition, families, train_set, val_set, args) -> dict:
     """Fine-tune each uniformly pruned whole model end to end on the labels."""
-    decomposition = extract(teacher, train_set[0][0].unsqueeze(0))
-    families = derive(decomposition, DeriveConfig(sparsities=sparsities))
     total_times, accs_per_model = None, []
-    for level in range(1, len(sparsities)):
+    for level in range(1, len(families[0])):
         model = copy.deepcopy(compose(decomposition, [f[level].module for f in families]))
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
         loader = DataLoader(
             train_set,
-            batch_size=batch_size,
+            batch_size=args.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(level),
         )
         times, accs = [0.0], [evaluate(model, val_set)]
-        for _ in range(epochs):
+        for _ in range(args.epochs):
             model.train()
             start = time.perf_counter()
             for images, labels in loader:
@@ -120,7 +115,7 @@ def model_level_run(
             if total_times is None
             else [a + b for a, b in zip(total_times, times, strict=True)]
         )
-    to_quality = sum(_converged_time(t, a, tolerance) for t, a in accs_per_model)
+    to_quality = sum(_converged_time(t, a, args.tolerance / 100) for t, a in accs_per_model)
     return {
         "seconds": total_times[-1],
         "seconds_to_quality": to_quality,
@@ -144,36 +139,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     teacher, _ = load_checkpoint(args.checkpoint)
     train_set, val_set = _subsets(args.train_images, args.val_images, args.seed)
-    sparsities = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
-    bank = bank_run(
-        teacher,
-        train_set,
-        val_set,
-        sparsities,
-        args.epochs,
-        args.batch_size,
-        args.lr,
-        args.tolerance / 100,
-    )
-    models = model_level_run(
-        teacher,
-        train_set,
-        val_set,
-        sparsities,
-        args.epochs,
-        args.batch_size,
-        args.lr,
-        args.tolerance / 100,
-    )
     decomposition = extract(teacher, train_set[0][0].unsqueeze(0))
-    rerun_families = derive(decomposition, DeriveConfig(sparsities=sparsities))
+    families = derive(decomposition, DeriveConfig(sparsities=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9)))
+
+    def fresh():  # every run starts from the same untrained descendants
+        return copy.deepcopy(families)
+
+    bank = bank_run(decomposition, fresh(), train_set, val_set, args)
+    models = model_level_run(decomposition, fresh(), train_set, val_set, args)
     cfg = RetrainConfig(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, val_fraction=0.0
     )
-    cached = retrain(decomposition, copy.deepcopy(rerun_families), train_set, cfg, progress=False)
+    cached = retrain(decomposition, fresh(), train_set, cfg, progress=False)
     rerun = retrain(
         decomposition,
-        rerun_families,
+        fresh(),
         train_set,
         RetrainConfig(**{**cfg.to_dict(), "cache": "none"}),
         progress=False,
