@@ -6,8 +6,11 @@ are fine-tuned end to end on the labels, as model-level scaling offers. Both see
 for the same number of epochs. Reported:
 
 - time at equal epochs (bank / model level; the paper claims "no more training time");
-- time at equal quality: until every descendant's accuracy drop (bank) or every whole model's
-  accuracy (model level) is within ``--tolerance`` points of its converged (final) value;
+- time at equal quality: each descendant (bank) and each whole model (model level) is trained
+  until its accuracy drop, or accuracy, stays within ``--tolerance`` points of its converged (final)
+  value, as if each stopped there; a family's time is the sum of its members' (for the bank, the
+  time of each descendant's own training steps, plus all shared work: the teacher pass, reading
+  the cache);
 - cached features against rerunning the teacher on every batch of every epoch (LegoDNN's code).
 
 Evaluation time is not counted as training time.
@@ -39,36 +42,36 @@ def _subsets(n_train: int, n_val: int, seed: int) -> tuple[Subset, Subset]:
     return Subset(data, order[:n_train]), Subset(data, order[n_train : n_train + n_val])
 
 
-def _converged_time(times: list[float], values: list[float], tolerance: float) -> float:
-    """Cumulative training time at the first epoch after which the value stays within tolerance."""
+def _converged_epoch(values: list[float], tolerance: float) -> int:
+    """The first epoch (0: before training) from which the value stays within tolerance of its
+    final value."""
     final = values[-1]
-    for i in range(len(values)):
-        if all(abs(v - final) <= tolerance for v in values[i:]):
-            return times[i]
-    return times[-1]
+    return next(
+        i for i in range(len(values)) if all(abs(v - final) <= tolerance for v in values[i:])
+    )
 
 
 def bank_run(decomposition, families, train_set, val_set, args) -> dict:
     """Retrain the bank, recording each descendant's accuracy drop after every epoch."""
     teacher_acc = evaluate(compose(decomposition, decomposition.blocks), val_set)
-    times, drops = [0.0], [_drops(decomposition, families, val_set, teacher_acc)]
+    drops = [_drops(decomposition, families, val_set, teacher_acc)]
 
     def record(epoch: int, seconds: float) -> None:
-        times.append(seconds)
         drops.append(_drops(decomposition, families, val_set, teacher_acc))
 
     cfg = RetrainConfig(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, cache="memory", val_fraction=0
     )
     report = retrain(decomposition, families, train_set, cfg, progress=False, on_epoch=record)
-    times = [t + report.cache_seconds for t in times]  # the teacher pass is part of the cost
-    times[0] = 0.0
-    per_descendant = list(zip(*drops, strict=True))
     tolerance = args.tolerance / 100
-    to_quality = max(_converged_time(times, list(d), tolerance) for d in per_descendant)
+    own = [s for family in report.epoch_seconds for s in family if s]
+    shared = report.cache_seconds + report.train_seconds - sum(map(sum, own))
+    epochs = [_converged_epoch(list(curve), tolerance) for curve in zip(*drops, strict=True)]
     return {
         "seconds": report.cache_seconds + report.train_seconds,
-        "seconds_to_quality": to_quality,
+        "seconds_to_quality": shared + sum(sum(s[:e]) for s, e in zip(own, epochs, strict=True)),
+        "shared_seconds": shared,
+        "epochs_to_quality": epochs,
         "cache_seconds": report.cache_seconds,
         "final_drops_points": [100 * d for d in drops[-1]],
         "teacher_accuracy": teacher_acc,
@@ -115,10 +118,11 @@ def model_level_run(decomposition, families, train_set, val_set, args) -> dict:
             if total_times is None
             else [a + b for a, b in zip(total_times, times, strict=True)]
         )
-    to_quality = sum(_converged_time(t, a, args.tolerance / 100) for t, a in accs_per_model)
+    epochs = [_converged_epoch(a, args.tolerance / 100) for _, a in accs_per_model]
     return {
         "seconds": total_times[-1],
-        "seconds_to_quality": to_quality,
+        "seconds_to_quality": sum(t[e] for (t, _), e in zip(accs_per_model, epochs, strict=True)),
+        "epochs_to_quality": epochs,
         "final_accuracies": [a[-1] for _, a in accs_per_model],
     }
 

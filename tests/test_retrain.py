@@ -82,17 +82,20 @@ def test_retraining_lowers_the_error_of_every_pruned_descendant(setup):
     for b, family in enumerate(families):
         for i, desc in enumerate(family):
             before, after = report.val_mse_before[b][i], report.val_mse_after[b][i]
-            history = report.history[b][i]
+            history, seconds = report.history[b][i], report.epoch_seconds[b][i]
             if desc.info.sparsity == 0:
                 assert before == after == pytest.approx(0.0, abs=1e-10)
-                assert history == [] and report.best_epoch[b][i] == 0
+                assert history == seconds == [] and report.best_epoch[b][i] == 0
                 continue
             assert after < before
-            assert len(history) == CONFIG.epochs
+            assert len(history) == len(seconds) == CONFIG.epochs
+            assert all(s > 0 for s in seconds)
             assert after == min(history)
             assert report.best_epoch[b][i] == history.index(after) + 1
             whole_after = _mse(desc.module, features[b])
             assert whole_after < whole_before[desc.info.key]
+    per_descendant = sum(s for fam in report.epoch_seconds for per in fam for s in per)
+    assert per_descendant <= report.train_seconds
 
 
 def test_the_best_state_is_kept_not_the_last(setup):

@@ -74,7 +74,12 @@ class RetrainConfig:
 
 @dataclass
 class RetrainReport:
-    """What retraining did: validation MSE per descendant before and after, and the time spent."""
+    """What retraining did: validation MSE per descendant before and after, and the time spent.
+
+    ``history[b][d]`` is descendant ``d`` of block ``b``'s validation MSE after each epoch and
+    ``epoch_seconds[b][d]`` the time its own training steps took in each epoch; what is left of
+    ``train_seconds`` is shared work (reading the cache, validation).
+    """
 
     cache: str
     cache_bytes: int
@@ -85,6 +90,7 @@ class RetrainReport:
     val_mse_after: list[list[float]] = field(default_factory=list)
     best_epoch: list[list[int]] = field(default_factory=list)
     history: list[list[list[float]]] = field(default_factory=list)
+    epoch_seconds: list[list[list[float]]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -368,6 +374,7 @@ def _distill(
         report.val_mse_after.append(list(before))
         report.best_epoch.append([0] * len(family))
         report.history.append([[] for _ in family])
+        report.epoch_seconds.append([[] for _ in family])
         for i, d in enumerate(family):
             states[d.info.key] = (before[i], copy.deepcopy(d.module.state_dict()))
 
@@ -382,23 +389,28 @@ def _distill(
                 for d in family:
                     d.module.train()
             running = 0.0
+            spent = dict.fromkeys(optimizers, 0.0)
             for step, batch in enumerate(batches(train_idx, True, epoch), start=1):
                 pairs = pairs_for(batch)
                 loss_sum = 0.0
                 for b, family in enumerate(trainable):
                     x, y = pairs[b]
                     for d in family:
+                        start = time.perf_counter()
                         opt = optimizers[d.info.key]
                         opt.zero_grad(set_to_none=True)
                         loss = nn.functional.mse_loss(d.module(x), y)
                         loss.backward()
                         opt.step()
                         loss_sum += loss.item()
+                        spent[d.info.key] += time.perf_counter() - start
                 running += loss_sum
                 advance(epoch=epoch, mse=running / step / max(1, sum(map(len, trainable))))
             for b, family in enumerate(descendants):
                 block_val = [pairs[b] for pairs in val_batches]
                 for i, d in enumerate(family):
+                    if d.info.sparsity > 0:
+                        report.epoch_seconds[b][i].append(spent[d.info.key])
                     if d.info.sparsity == 0 or not block_val:
                         continue  # without validation data the last state is kept
                     mse = _val_mse(d.module, block_val)
