@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import math
 import re
@@ -105,14 +106,18 @@ def check_infeasible(error, selections):
     st.lists(budgets, min_size=1, max_size=3),
     st.sampled_from([0, 6, 1296]),
     st.sampled_from([0, 32]),
+    st.sampled_from([-1, 0, 8, 10**6]),
 )
-def test_solve_and_selector_match_brute_force(table, queries, raw_states, crowd):
+def test_solve_and_selector_match_brute_force(table, queries, raw_states, crowd, few):
     selections = everything(table)
     selector = Selector(table)
     with pytest.MonkeyPatch.context() as patch:
-        # bounds from the first block or later; priced bounds and dives always or when crowded
+        # bounds from the first block or later; priced bounds and dives always or when crowded;
+        # the depth-first finish never, once a layer is empty, on few states, or from the start
         patch.setattr(select_module, "_RAW_STATES", raw_states)
         patch.setattr(select_module, "_CROWD", crowd)
+        patch.setattr(select_module, "_FEW", few)
+        table = dataclasses.replace(table)  # works out the table's start under these settings
         for budget in (resolve(q, selections) for q in queries):
             expected = best(selections, budget)
             for pick in (solve, lambda t, b: selector.select(b)):
@@ -176,22 +181,19 @@ def test_dives_and_priced_fronts_find_feasible_selections(table, fractions, pric
     lat_cap, mem_cap = table._caps(budget)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(select_module, "_RAW_STATES", 0)
-        fronts = select_module._suffix_fronts(table, 0, lat_cap, mem_cap, ((1.0, 0.0), (0.0, 1.0)))
-        if fronts is None:
-            assert best(selections, budget) is None
-            return
-        search = select_module._Search(table, lat_cap, mem_cap, fronts)
-        if priced:
-            search._price_from(0)
-        root = [0.0, table.frame_latency_ms, table.frame_weight_bytes, table.frame_activation_bytes]
-        search._dive(np.array(root), 0)
+        table = dataclasses.replace(table)
+    search = select_module._Search(table, lat_cap, mem_cap)
+    if priced:
+        search._price_from(0)
+    root = table._derived.head
+    search._dive(root[0], 0)
     found = [
         (table.teacher_accuracy - s.accuracy, s.latency_ms) for s in selections if within(s, budget)
     ]
     if search.best[0] < select_module._UNKNOWN:
         assert search.best in found
     if priced and search.priced is not None and found:
-        assert search._bound(np.array([root]), 0)[0] <= min(found)[0]
+        assert search._bound(root, 0)[0] <= min(found)[0]
 
 
 def realistic(seed):
@@ -245,6 +247,24 @@ def test_unconstrained_picks_most_accurate_then_fastest():
     )
     assert solve(table, Budget()).choices == (1, 1)
     assert solve(table, Budget(latency_ms=2.5)).choices == (2, 1)
+
+
+@pytest.mark.parametrize("few", [-1, 32, 10**6])
+def test_ties_on_a_bank_too_large_to_enumerate(few):
+    # 6**12 selections: every drop ties, so latency decides, then the first choices; both the
+    # numpy layers and the depth-first finish must cut the ties short to answer at all
+    latency = np.random.default_rng(0).choice([1.0, 2.0, 3.0], (12, 6))
+    equal = np.full((12, 6), MIB)
+    table = CostTable(np.zeros((12, 6)), latency, equal, equal, sizes=(6,) * 12)
+    flat = CostTable(np.zeros((12, 6)), np.ones((12, 6)), equal, equal, sizes=(6,) * 12)
+    fastest = tuple(int(np.flatnonzero(row == row.min())[0]) for row in latency)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(select_module, "_FEW", few)
+        assert solve(table, Budget()).choices == fastest
+        assert solve(table, Budget(latency.min(axis=1).sum(), 13.0)).choices == fastest
+        assert solve(flat, Budget(12.0, 13.0)).choices == (0,) * 12
+        with pytest.raises(InfeasibleBudgetError):
+            solve(table, Budget(latency.min(axis=1).sum() - 0.5))
 
 
 def test_activation_memory_is_a_peak_not_a_sum():

@@ -4,7 +4,8 @@ Estimates follow LegoDNN's additive model: accuracy is the teacher's minus the s
 drops, latency is the frame's plus the blocks', and memory is every weight byte plus the peak of the
 activations (blocks run one after another, so activation memory is a maximum, not a sum).
 
-``solve`` answers one budget by branch and bound; ``Selector`` computes a bank's Pareto set once so
+``solve`` answers one budget by branch and bound, from bounds the table works out once (exact
+Pareto fronts of every run of trailing blocks); ``Selector`` computes a bank's Pareto set once so
 each later query is a few numpy operations; ``frontier`` lists the accuracy-latency trade-offs. All
 are exact, and ties go to lower latency, then lower memory, then the lexicographically smallest
 choices, so they agree with each other and with brute force.
@@ -17,6 +18,7 @@ float64 and no result depends on the order in which costs are added.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -30,20 +32,34 @@ _MIB = float(2**20)
 _DROP_STEPS = 2.0**32
 _LATENCY_STEPS = 2.0**20
 _EXACT = 2.0**53
-# solve enumerates the leading blocks outright while their combinations number at most this many;
-# bounds start at the first block after them (computing bounds costs more than it saves earlier).
-_RAW_STATES = 1296
+# a table enumerates its leading blocks outright, as the states every solve starts from, while
+# their combinations number at most this many; bounds start at the first block after them.
+_RAW_STATES = 216
 # solve completes this many of the most promising states (when it has more) to find incumbents.
 _PROBES = 8
 # once a layer keeps more states than this, solve adds a bound pricing latency and weight together
 # and dives for better incumbents.
 _CROWD = 32
+# once a layer keeps at most this many states, solve finishes depth first in plain Python: on so
+# few states numpy's per-call overhead costs more than the arithmetic.
+_FEW = 32
 # stands for "no feasible selection known yet": above every finite bound, below +inf.
 _UNKNOWN = float(np.finfo(np.float64).max)
 # block size of the sweeps that remove dominated states.
 _SWEEP = 128
 
 _Arrays = tuple[np.ndarray, ...]
+
+
+class _Plain(NamedTuple):
+    """The fronts of blocks r.. as plain lists, for the depth-first finish (``_Search._descend``)."""
+
+    lat_keys: list[float]  # the latency front's latencies, ascending
+    lat_drops: list[float]  # its drops, after the leading +inf of ``_least``
+    lat_gains: list[float]  # its drops negated (ascending), to find the fastest within a drop
+    weight_keys: list[float]  # the weight front's weights, ascending
+    weight_drops: list[float]  # its drops, after the leading +inf of ``_least``
+    floor: float  # floors[r]
 
 
 class _Derived(NamedTuple):
@@ -57,6 +73,12 @@ class _Derived(NamedTuple):
     most_latency: float  # the slowest selection's latency
     most_memory: float  # the largest selection's memory, in bytes
     peaks: np.ndarray  # every activation peak a selection can have, ascending
+    start: int  # solve enumerates the blocks before this one outright (see _RAW_STATES)
+    head: np.ndarray  # their every combination as a state (see _Search), in lexicographic order
+    items: tuple[list[list[float]], ...]  # per block: (drop, latency, weight, activation) rows
+    fronts: tuple[tuple[_Arrays, _Arrays], ...]  # entry r - start: blocks r.. by latency, by weight
+    plain: tuple[_Plain, ...]  # entry r - start: the same fronts as plain lists
+    points: tuple[_Arrays, ...]  # entry r - start: both fronts' points, for _Search._probe
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,18 +140,27 @@ class CostTable:
         object.__setattr__(self, "_derived", self._derive(real))
 
     def _derive(self, real: np.ndarray) -> _Derived:
-        """The budget-independent summaries that solve and Selector start from."""
+        """The budget-independent summaries that solve and Selector start from.
+
+        Working out the suffix fronts here, once per bank and target, rather than in every solve is
+        most of what makes a solve fast; it about triples the time a table takes to build.
+        """
         fa = float(self.frame_activation_bytes)
         rows = tuple(
             (self.drop[b, :k], self.latency_ms[b, :k], self.weight_bytes[b, :k], ac[:k])
             for b, (k, ac) in enumerate(zip(self.sizes, self.activation_bytes, strict=True))
         )
+        blocks = tuple((np.stack(row[:3], axis=1), row[3]) for row in rows)
         floors = np.maximum.accumulate(self.activation_bytes.min(axis=1)[::-1])[::-1]
         floors = np.maximum(np.append(floors, 0.0), fa)
         acts = self.activation_bytes[real]
-        return _Derived(
+        start = int(np.cumprod(self.sizes, dtype=float).searchsorted(_RAW_STATES, side="right"))
+        head = np.array([[0.0, self.frame_latency_ms, self.frame_weight_bytes, fa]])
+        for block in blocks[:start]:
+            head = _grow(head, *block)
+        derived = _Derived(
             rows=rows,
-            blocks=tuple((np.stack(row[:3], axis=1), row[3]) for row in rows),
+            blocks=blocks,
             least_latency=np.cumsum(np.append(self.frame_latency_ms, self.latency_ms.min(axis=1))),
             least_weight=np.cumsum(
                 np.append(self.frame_weight_bytes, self.weight_bytes.min(axis=1))
@@ -141,7 +172,31 @@ class CostTable:
             + float(np.where(real, self.weight_bytes, 0.0).max(axis=1).sum())
             + max(fa, float(acts.max())),
             peaks=np.unique(np.append(acts[acts > floors[0]], floors[0])),
+            start=start,
+            head=head,
+            items=tuple(np.column_stack(row).tolist() for row in rows),
+            fronts=(),  # these three are built from the fields above, just below
+            plain=(),
+            points=(),
         )
+        # fronts within the costliest selection's caps hold every point any budget can use
+        fronts = _suffix_fronts(
+            derived, start, derived.most_latency, derived.most_memory, ((1.0, 0.0), (0.0, 1.0))
+        )
+        assert fronts is not None  # the costliest selection fits its own caps
+        plain = tuple(
+            _Plain(
+                lat[0].tolist(),
+                lat[1].tolist(),
+                (-lat[1][1:]).tolist(),
+                weight[0].tolist(),
+                weight[1].tolist(),
+                float(floors[r]),
+            )
+            for r, (lat, weight) in enumerate(fronts, start)
+        )
+        points = tuple(_points(*layer) for layer in fronts)
+        return derived._replace(fronts=tuple(fronts), plain=plain, points=points)
 
     @classmethod
     def from_lists(
@@ -260,10 +315,12 @@ def _snap(value: float, steps: float) -> float:
 def solve(table: CostTable, budget: Budget) -> Selection:
     """The most accurate selection within ``budget``, found exactly by branch and bound."""
     lat_cap, mem_cap = table._caps(budget)
-    choices = _branch_and_bound(table, lat_cap, mem_cap)
-    if choices is None:
+    best = _Search(table, lat_cap, mem_cap).run()
+    if best is None:
         raise _infeasible(budget, *_limits(table, lat_cap, mem_cap))
-    return table.estimate(choices)
+    drop, latency, memory, choices = best
+    # the search's sums are exact, so these are the numbers table.estimate(choices) gives
+    return Selection(choices, table.teacher_accuracy - drop, latency, memory / _MIB)
 
 
 def frontier(table: CostTable, memory_mb: float | None = None) -> list[Selection]:
@@ -389,77 +446,138 @@ def _trace(links: list[np.ndarray], sizes: Sequence[int]) -> list[tuple[int, ...
     return [tuple(row) for row in np.stack(columns[::-1], axis=1).tolist()]
 
 
-def _branch_and_bound(table: CostTable, lat_cap: float, mem_cap: float) -> tuple[int, ...] | None:
-    """The best choices within the caps (drop, then latency, memory, choices), or None if none fit."""
-    fronts = _suffix_fronts(table, _start(table), lat_cap, mem_cap, ((1.0, 0.0), (0.0, 1.0)))
-    return None if fronts is None else _Search(table, lat_cap, mem_cap, fronts).run()
-
-
-def _start(table: CostTable) -> int:
-    """How many leading blocks solve enumerates outright, before any bound (see ``_RAW_STATES``)."""
-    return int(np.cumprod(table.sizes, dtype=float).searchsorted(_RAW_STATES, side="right"))
-
-
 class _Search:
     """Branch and bound over the blocks in order for one budget.
 
     States are prefixes (the first r blocks chosen) as rows (drop, latency, weight, peak), kept in
-    lexicographic order of their choices. A state survives while a lower bound on its best
+    lexicographic order of their choices; latency and weight include the frame's, and the peak
+    starts at the frame's activations. A state survives while a lower bound on its best
     completion's drop is at most the drop of a feasible selection found so far (the incumbent),
     and while no other state is as good in every cost. Bounds come from exact Pareto fronts of the
     remaining blocks in drop against latency, against weight and, once states crowd, against a
     priced sum of the two; incumbents from completing promising states with front points and,
     when crowded, from diving greedily down the best bounds.
+
+    The layers are numpy arrays while they are wide; once one keeps at most ``_FEW`` states, each
+    is finished depth first in plain Python with the same bounds (see ``_descend``).
     """
 
-    def __init__(
-        self, table: CostTable, lat_cap: float, mem_cap: float, fronts: list[tuple[_Arrays, ...]]
-    ) -> None:
+    def __init__(self, table: CostTable, lat_cap: float, mem_cap: float) -> None:
         self.table, self.lat_cap, self.mem_cap = table, lat_cap, mem_cap
-        self.start, self.fronts = _start(table), fronts
         self.priced: tuple[float, float, int, list[tuple[_Arrays, ...]]] | None = None
-        self.best = (_UNKNOWN, _UNKNOWN)
+        self.best = (_UNKNOWN, _UNKNOWN)  # the incumbent's (drop, latency)
+        # the best selection the depth-first finish has reached: (drop, latency, memory, choices)
+        self.leaf: tuple[float, float, float, tuple[int, ...]] | None = None
+        self.seen: set[tuple[int, tuple[float, ...]]] = set()  # (r, child) pairs it searched
 
-    def run(self) -> tuple[int, ...] | None:
-        """The best choices, or None when no selection fits."""
-        table, derived = self.table, self.table._derived
-        n = table.num_blocks
-        state = np.array(
-            [[0.0, table.frame_latency_ms, table.frame_weight_bytes, table.frame_activation_bytes]]
-        )
-        links = [np.zeros(1, dtype=np.intp)]
-        for r in range(n + 1):
-            if r >= self.start:
-                bound = self._bound(state, r)
-                if r < n and (r == self.start or len(state) > _PROBES):
-                    self._probe(state, bound, r)
-                keep = self._promising(state, bound, r).nonzero()[0]
-                if len(keep) > 1:
-                    keep = keep[_undominated4(state[keep])]
-                if not len(keep):
-                    return None
-                state, bound = state[keep], bound[keep]
-                links[-1] = links[-1][keep]
-                if len(state) > _CROWD and r < n:
-                    if self.priced is None:
-                        self._price_from(r)
-                    if bound.min() < self.best[0]:
-                        self._dive(state[bound.argmin()], r)
-            if r == n:
+    def run(self) -> tuple[float, float, float, tuple[int, ...]] | None:
+        """The best selection as (drop, latency, memory in bytes, choices); None if none fits."""
+        derived = self.table._derived
+        n, r, state = self.table.num_blocks, derived.start, derived.head
+        links = []  # per layer from the start: the rows it kept of those grown into it
+        while True:
+            bound = self._bound(state, r)
+            if r < n and (r == derived.start or len(state) > _PROBES):
+                self._probe(state, bound, r)
+            keep = self._promising(state, bound, r).nonzero()[0]
+            if len(keep) > _CROWD and r < n:
+                # crowded: tighten the bounds and the incumbent before the costly dominance sweep
+                if self.priced is None:
+                    self._price_from(r)
+                    bound = self._bound(state, r)
+                at = keep[bound[keep].argmin()]
+                if bound[at] < self.best[0]:
+                    self._dive(state[at], r)
+                keep = keep[self._promising(state[keep], bound[keep], r)]
+            if len(keep) > 1 and (r == n or len(keep) > _FEW):
+                keep = keep[_undominated4(state[keep])]
+            state, bound = state[keep], bound[keep]
+            links.append(keep)
+            if r == n or len(state) <= _FEW:
                 break
             state = _grow(state, *derived.blocks[r])
-            links.append(np.arange(len(state)))
+            r += 1
+        if r < n:
+            # in lexicographic order, so that a state met again is never reached by smaller choices
+            for at, (least, *row) in enumerate(zip(bound.tolist(), *state.T.tolist(), strict=True)):
+                if least <= self.best[0]:
+                    self._descend(r, tuple(row), list(self._choices(links, at)))
+            return self.leaf
+        if not len(state):
+            return None
         drop, lat, weight, peak = state.T
-        at = int(np.lexsort((weight + peak, lat, drop))[0])
+        memory = weight + peak
+        at = int(np.lexsort((memory, lat, drop))[0])
+        return float(drop[at]), float(lat[at]), float(memory[at]), self._choices(links, at)
+
+    def _choices(self, links: list[np.ndarray], at: int) -> tuple[int, ...]:
+        """The choices of row ``at`` of the last layer, following each layer's kept rows back.
+
+        A grown row is its parent's row times the block's size plus the choice; the first layer's
+        rows number every combination of the leading blocks the same way.
+        """
+        start, sizes = self.table._derived.start, self.table.sizes
         choices = []
-        for r in range(n - 1, -1, -1):
-            at, choice = divmod(int(links[r + 1][at]), table.sizes[r])
-            choices.append(choice)
+        for layer in range(len(links) - 1, -1, -1):
+            at = int(links[layer][at])
+            for b in range(start - 1, -1, -1) if layer == 0 else (start + layer - 1,):
+                at, choice = divmod(at, sizes[b])
+                choices.append(choice)
         return tuple(reversed(choices))
+
+    def _descend(self, r: int, state: tuple[float, ...], prefix: list[int]) -> None:
+        """Search the completions of one state of layer ``r`` depth first, in plain Python.
+
+        Children are visited in order of their choices and bounded as a layer's states are, by the
+        latency and weight fronts of the blocks after them. A child whose bound ties the
+        incumbent's drop is kept only while it may still beat the best selection reached so far on
+        the tie-breaks: (bound, least latency at that drop, least memory, choices so far) orders
+        below every completion's key, so a child whose key is above the best's has no completion
+        ahead of it. Leaves compare exact keys. A state met before was searched already, from
+        smaller choices and against an incumbent no better, so it is skipped; its peak counts as at
+        least the activation floor of the blocks after it, which every completion reaches anyway.
+        """
+        derived = self.table._derived
+        drop, lat, weight, peak = state
+        lat_keys, lat_drops, lat_gains, weight_keys, weight_drops, floor = derived.plain[
+            r + 1 - derived.start
+        ]
+        last = r + 1 == self.table.num_blocks
+        for choice, (c_drop, c_lat, c_weight, c_act) in enumerate(derived.items[r]):
+            child_lat, child_weight = lat + c_lat, weight + c_weight
+            top = c_act if c_act > peak else peak
+            top = top if top > floor else floor
+            spare_ms, spare_bytes = self.lat_cap - child_lat, self.mem_cap - child_weight - top
+            if spare_ms < 0 or spare_bytes < 0:
+                continue
+            total = drop + c_drop
+            least = lat_drops[bisect_right(lat_keys, spare_ms)]
+            by_weight = weight_drops[bisect_right(weight_keys, spare_bytes)]
+            bound = total + (least if least > by_weight else by_weight)
+            if bound > self.best[0]:
+                continue
+            if last or (bound == self.best[0] and self.leaf is not None):
+                fastest = lat_keys[bisect_left(lat_gains, total - bound)]
+                memory = child_weight + top + weight_keys[0]
+                key = (bound, child_lat + fastest, memory, (*prefix, choice))
+                if self.leaf is not None and key > self.leaf:
+                    continue
+                if last:
+                    self.leaf = key
+                    self.best = min(self.best, key[:2])
+                    continue
+            child = (total, child_lat, child_weight, top)
+            if (r, child) in self.seen:
+                continue
+            self.seen.add((r, child))
+            prefix.append(choice)
+            self._descend(r + 1, child, prefix)
+            prefix.pop()
 
     def _fronts(self, r: int) -> tuple[_Arrays, ...]:
         """The fronts of blocks r.. : latency, weight, then the priced ones if any."""
-        here = self.fronts[r - self.start]
+        derived = self.table._derived
+        here = derived.fronts[r - derived.start]
         if self.priced is not None and r >= self.priced[2]:
             here = (*here, *self.priced[3][r - self.priced[2]])
         return here
@@ -481,7 +599,7 @@ class _Search:
         derived = self.table._derived
         price = _price(self.table, self.lat_cap, self.mem_cap)
         slack = 1e-9 * (derived.most_latency + price * derived.most_memory)
-        fronts = _suffix_fronts(self.table, r, self.lat_cap + slack, self.mem_cap, ((1.0, price),))
+        fronts = _suffix_fronts(derived, r, self.lat_cap + slack, self.mem_cap, ((1.0, price),))
         if fronts is not None:
             self.priced = (price, slack, r, fronts)
 
@@ -490,14 +608,19 @@ class _Search:
         if len(bound) > _PROBES:
             state = state[np.argpartition(bound, _PROBES)[:_PROBES]]
         drop, lat, weight, peak = (column[:, None] for column in state.T)
-        for _, f_drop, f_lat, f_weight, f_peak in self._fronts(r):
-            fits = (lat + f_lat <= self.lat_cap) & (
+        derived = self.table._derived
+        points = [derived.points[r - derived.start]]
+        if self.priced is not None and r >= self.priced[2]:
+            points.append(_points(*self.priced[3][r - self.priced[2]]))
+        for f_drop, f_lat, f_weight, f_peak in points:
+            time = lat + f_lat
+            fits = (time <= self.lat_cap) & (
                 weight + f_weight + np.maximum(peak, f_peak) <= self.mem_cap
             )
-            if fits.any():
-                total, time = (drop + f_drop[1:])[fits], (lat + f_lat)[fits]
-                least = total.min()
-                self.best = min(self.best, (float(least), float(time[total == least].min())))
+            total = np.where(fits, drop + f_drop, np.inf)
+            at = divmod(int(total.argmin()), total.shape[1])
+            if fits[at]:
+                self.best = min(self.best, (float(total[at]), float(time[at])))
 
     def _dive(self, state: np.ndarray, r: int) -> None:
         """Improve the incumbent by completing one state, each block the choice of least bound."""
@@ -552,7 +675,7 @@ def _price(table: CostTable, lat_cap: float, mem_cap: float) -> float:
 
 
 def _suffix_fronts(
-    table: CostTable,
+    derived: _Derived,
     start: int,
     lat_cap: float,
     mem_cap: float,
@@ -565,7 +688,6 @@ def _suffix_fronts(
     remaining blocks; ``drop`` has an extra +inf in front (see ``_least``). Points that cannot fit
     the caps even after the cheapest earlier blocks are left out. None when nothing fits.
     """
-    derived = table._derived
     zero = np.zeros(1)
     current = [(zero, np.array([np.inf, 0.0]), zero, zero, zero)] * len(prices)
     fronts = [tuple(current)]
@@ -613,6 +735,12 @@ def _extend(
         wt[choice] + weight[rest],
         np.maximum(ac[choice], peak[rest]),
     )
+
+
+def _points(*fronts: _Arrays) -> _Arrays:
+    """Every point of ``fronts`` as columns (drop, latency, weight, peak), to complete states with."""
+    parts = ((front[1][1:], *front[2:]) for front in fronts)
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
 def _least(front: _Arrays, room: np.ndarray) -> np.ndarray:
