@@ -307,6 +307,38 @@ def test_add_target_keeps_accuracy(bank):
     assert extended.teacher_accuracy == profiles.teacher_accuracy
 
 
+def test_onnxruntime_target_adds_up_to_the_teacher(bank):
+    _, d, families, _, profiles = bank
+    copy = BankProfile.from_dict(profiles.to_dict())
+    extended = add_target(copy, d, families, Target("onnxruntime"), FAST, progress=False)
+    assert set(extended.targets) == {"torch-1t", "ort-1t"}
+    assert extended.targets["ort-1t"]["backend"] == "onnxruntime"
+    frame = extended.frame.latency_ms["ort-1t"]
+    blocks = [[p.latency_ms["ort-1t"] for p in fam] for fam in extended.descendants]
+    assert frame >= 0 and all(ms >= 0 for fam in blocks for ms in fam)
+    assert any(ms > 0 for fam in blocks for ms in fam)
+    teacher = estimate(extended, [0] * d.plan.num_blocks, "ort-1t")["latency_ms"]
+    assert teacher == pytest.approx(frame + sum(fam[0] for fam in blocks))
+    # latencies of other targets and every other figure are left as they were
+    for before, after in zip(profiles.descendants, extended.descendants, strict=True):
+        for p, q in zip(before, after, strict=True):
+            assert q.latency_ms["torch-1t"] == p.latency_ms["torch-1t"]
+            assert (q.accuracy_drop, q.macs) == (p.accuracy_drop, p.macs)
+
+
+def test_validate_on_onnxruntime_times_selections_against_the_teacher(bank):
+    _, d, families, data, profiles = bank
+    copy = BankProfile.from_dict(profiles.to_dict())
+    extended = add_target(copy, d, families, Target("onnxruntime"), FAST, progress=False)
+    result = validate(
+        extended, d, families, data, Target("onnxruntime"), samples=3, config=FAST, progress=False
+    )
+    assert result["target"] == "ort-1t" and len(result["records"]) == 3
+    for record in result["records"]:
+        assert record["measured_latency_ms"] > 0 and record["measured_latency_ratio"] > 0
+        assert record["estimated_latency_ratio"] > 0
+
+
 def test_bank_profile_round_trip(bank):
     *_, profiles = bank
     data = json.loads(json.dumps(profiles.to_dict()))

@@ -88,3 +88,8 @@ class InfeasibleBudgetError(BlockscaleError, ValueError):
 
 class ProfileError(BlockscaleError):
     """A bank that lacks the profiles a step needs (for instance latency on the asked target)."""
+
+
+class ExportError(BlockscaleError):
+    """A model or frame that cannot be exported to ONNX, whose export disagrees with torch, or an ONNX
+    model that does not fit the slot it is put in."""

@@ -41,8 +41,8 @@ class ProfileConfig:
     ``rounds`` round-robin passes) and the evaluation batch size."""
 
     warmup: int = 5
-    repeats: int = 30
-    rounds: int = 5
+    repeats: int = 100
+    rounds: int = 10
     batch_size: int = 256
 
     def to_dict(self) -> dict[str, Any]:
@@ -315,10 +315,31 @@ def add_target(
 ) -> BankProfile:
     """Measure latency on ``target`` and add it to the profiles (nothing is retrained).
 
-    Each descendant is timed inside the teacher, in its block's slot, so it runs under the same
-    conditions as in any selection; the frame's latency is the teacher's minus its blocks'.
+    In torch eager each descendant is timed in its
+    block's slot of the teacher (its own span, read by hooks), under the conditions it meets in a
+    selection; a compiled backend (ONNX Runtime) runs a selection as one optimised graph with no
+    seams to time at, so there each descendant is timed alone (see ``_alone_latency``).
     """
     config = config or ProfileConfig()
+    measure = _slot_latency if target.backend == "torch" else _alone_latency
+    frame_ms, latency = measure(decomposition, descendants, target, config, progress)
+    bank_profile.frame.latency_ms[target.name] = frame_ms
+    for family, profiles in zip(descendants, bank_profile.descendants, strict=True):
+        for d, p in zip(family, profiles, strict=True):
+            p.latency_ms[target.name] = latency[d.info.block][d.info.index]
+    bank_profile.targets[target.name] = target.to_dict()
+    return bank_profile
+
+
+def _slot_latency(
+    decomposition: Decomposition,
+    descendants: Sequence[Sequence[Descendant]],
+    target: Target,
+    config: ProfileConfig,
+    progress: bool,
+) -> tuple[float, list[list[float]]]:
+    """Torch eager: each descendant's own time in its slot (forward hooks), the frame's as the
+    teacher's minus its blocks'."""
     plan = decomposition.plan
     teacher = compose(decomposition, decomposition.blocks)
     runs = [(teacher, list(decomposition.blocks), None)]
@@ -346,16 +367,58 @@ def add_target(
                 advance()
     median = statistics.median
     whole, *inside = (median(s) for s in samples[0])
-    bank_profile.frame.latency_ms[target.name] = max(0.0, whole - sum(inside))
     by_key = {key: median(samples[r][1]) for r, (_, _, key) in enumerate(runs) if key}
-    for info, family, profiles in zip(
-        plan.blocks, descendants, bank_profile.descendants, strict=True
-    ):
-        for d, p in zip(family, profiles, strict=True):
-            key = (info.index, d.info.index)
-            p.latency_ms[target.name] = by_key.get(key, inside[info.index])
-    bank_profile.targets[target.name] = target.to_dict()
-    return bank_profile
+    latency = [
+        [by_key.get((info.index, d.info.index), inside[info.index]) for d in family]
+        for info, family in zip(plan.blocks, descendants, strict=True)
+    ]
+    return max(0.0, whole - sum(inside)), latency
+
+
+def _alone_latency(
+    decomposition: Decomposition,
+    descendants: Sequence[Sequence[Descendant]],
+    target: Target,
+    config: ProfileConfig,
+    progress: bool,
+) -> tuple[float, list[list[float]]]:
+    """A compiled backend: every descendant timed alone in its own session, less what a session
+    doing nothing costs per call on the same input; the frame's latency is the teacher's (one
+    optimised graph) minus its blocks'. All timed round-robin in one pass.
+
+    A compiled selection has no seams to time a slot at, and differences of whole-teacher timings
+    are too noisy for blocks this small; timed alone, a descendant keeps its own optimisations and
+    only loses those that span block boundaries, which the frame's share absorbs.
+    """
+    plan = decomposition.plan
+    with progress_bar(f"compile for {target.name}", 1, enabled=progress) as advance:
+        runner = target.runner(decomposition)
+        advance()
+    shapes = sorted({info.input_shape for info in plan.blocks})
+    total = 1 + len(shapes) + sum(len(f) for f in descendants)
+    with progress_bar(f"build {target.name} sessions", total, enabled=progress) as advance:
+        calls = [runner.model(decomposition.blocks)]
+        for shape in shapes:
+            calls.append(runner.idle(shape))
+            advance()
+        for info, family in zip(plan.blocks, descendants, strict=True):
+            for d in family:
+                calls.append(runner.block(d.module, info.input_shape))
+                advance()
+    with progress_bar(f"latency on {target.name}", 1, enabled=progress) as advance:
+        spans = target.time_calls(
+            calls, warmup=config.warmup, repeats=config.repeats, rounds=config.rounds
+        )
+        advance()
+    medians = iter(statistics.median(s) for s in spans)
+    whole = next(medians)
+    idle = {shape: next(medians) for shape in shapes}
+    latency = [
+        [max(0.0, next(medians) - idle[info.input_shape]) for _ in family]
+        for info, family in zip(plan.blocks, descendants, strict=True)
+    ]
+    teacher_blocks = sum(family[0] for family in latency)
+    return max(0.0, whole - teacher_blocks), latency
 
 
 def estimate(bank_profile: BankProfile, choices: Sequence[int], target: str) -> dict[str, float]:
@@ -414,63 +477,45 @@ def validate(
     config = config or ProfileConfig()
     rng = random.Random(seed)
     plan = decomposition.plan
-    teacher = compose(decomposition, decomposition.blocks)
+    runner = target.runner(decomposition)
+    teacher = runner.model(decomposition.blocks)
     teacher_estimate = estimate(bank_profile, [0] * plan.num_blocks, target.name)["latency_ms"]
     records = []
     start = time.perf_counter()
     with progress_bar("validate estimates", samples, enabled=progress) as advance:
         for _ in range(samples):
             choices = [rng.randrange(len(f)) for f in descendants]
-            model = compose(
-                decomposition, [descendants[b][d].module for b, d in enumerate(choices)]
-            )
+            blocks = [descendants[b][d].module for b, d in enumerate(choices)]
             est = estimate(bank_profile, choices, target.name)
             drops = [bank_profile.descendants[b][d].accuracy_drop for b, d in enumerate(choices)]
+            mine, reference = target.time_calls(
+                [runner.model(blocks), teacher],
+                warmup=config.warmup,
+                repeats=config.repeats,
+                rounds=config.rounds,
+            )
+            measured = statistics.median(mine)
             records.append(
                 {
                     "choices": choices,
                     "summed_cost": sum(bank_profile.cost(drop) for drop in drops),
                     "sum_estimated_accuracy": bank_profile.teacher_accuracy - sum(drops),
                     "estimated_accuracy": est["accuracy"],
-                    "measured_accuracy": evaluate(model, val_set, batch_size=config.batch_size),
+                    "measured_accuracy": evaluate(
+                        compose(decomposition, blocks), val_set, batch_size=config.batch_size
+                    ),
                     "estimated_latency_ms": est["latency_ms"],
                     "estimated_latency_ratio": est["latency_ms"] / teacher_estimate,
-                    **_side_by_side(target, model, teacher, plan.input_shape, config),
+                    # the ratio to the teacher, timed in the same turns, cancels the drift of a
+                    # machine whose speed changed since the profile was measured
+                    "measured_latency_ms": measured,
+                    "measured_latency_ratio": measured / statistics.median(reference),
                 }
             )
             advance()
     summary = summarize_validation(records, target.name, time.perf_counter() - start)
     summary.update(corrected_accuracy_errors(records, bank_profile))
     return summary
-
-
-def _side_by_side(
-    target: Target,
-    model: nn.Module,
-    teacher: nn.Module,
-    input_shape: Sequence[int],
-    config: ProfileConfig,
-) -> dict[str, float]:
-    """The selection's latency, and its ratio to the teacher's timed in alternating rounds.
-
-    On a machine whose speed drifts, a latency measured now and an estimate profiled earlier
-    differ by the drift; the ratio to the teacher, timed in the same rounds, cancels it.
-    """
-    rounds = max(1, min(config.rounds, config.repeats))
-    per_round = max(1, config.repeats // rounds)
-    mine: list[float] = []
-    reference: list[float] = []
-    for _ in range(rounds):
-        for store, module in ((mine, model), (reference, teacher)):
-            (taken,) = target.samples_ms(
-                module, input_shape, warmup=config.warmup, repeats=per_round
-            )
-            store.extend(taken)
-    median = statistics.median(mine)
-    return {
-        "measured_latency_ms": median,
-        "measured_latency_ratio": median / statistics.median(reference),
-    }
 
 
 def corrected_accuracy_errors(

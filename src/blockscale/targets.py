@@ -1,7 +1,10 @@
 """Targets: where latency is measured. A target names a backend, its thread count and the machine.
 
-Latency is measured at batch 1 after a warm-up, as the median of repeated runs: the median resists
-the outliers that a shared, noisy machine produces.
+Backends: ``torch`` (eager), ``onnxruntime`` (``ort-Nt``: the selection exported to ONNX and
+spliced into one graph, as :mod:`blockscale.ort` deploys it) and ``tflite`` (LiteRT with its
+XNNPACK delegate, the optional ``blockscale[tflite]`` extra; see :mod:`blockscale.tflite`). Latency is measured at batch 1 after a
+warm-up, as the median of repeated runs in round-robin turns: the median resists the outliers of a
+shared, noisy machine, and the turns spread its drift over every model alike.
 """
 
 from __future__ import annotations
@@ -11,18 +14,26 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
+import onnx
 import torch
 from torch import nn
 
+from . import tflite
 from .errors import BlockscaleError
+from .export import OPSET, export_frame, export_onnx
+from .extract import Decomposition, compose
+from .ort import BLOCK_INPUT, BLOCK_OUTPUT, MergedSession, inference_session
 
 _NAME = re.compile(r"^(?P<backend>[a-z]+)-(?P<threads>\d+)t$")
-BACKENDS = ("torch",)
+# backend -> the short name targets are written with
+BACKENDS = {"torch": "torch", "onnxruntime": "ort", "tflite": "tflite"}
+_BY_NAME = {short: backend for backend, short in BACKENDS.items()} | {b: b for b in BACKENDS}
 
 
 def machine() -> str:
@@ -39,9 +50,26 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
+class Runner(Protocol):
+    """Builds ready-to-time batch-1 calls of selections of one decomposition on one target."""
+
+    def model(self, blocks: Sequence[nn.Module]) -> Callable[[], object]:
+        """A call running ``compose(decomposition, blocks)`` once on a fixed random input."""
+        ...
+
+    def block(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
+        """A call running one block alone once on a fixed random input of its shape."""
+        ...
+
+    def idle(self, input_shape: Sequence[int]) -> Callable[[], object]:
+        """A call doing nothing but what :meth:`block` pays per call on an input of that shape
+        (passing the input in, the output out), to subtract from a block's time."""
+        ...
+
+
 @dataclass(frozen=True)
 class Target:
-    """A place to run: backend and threads; ``name`` is e.g. ``torch-1t``."""
+    """A place to run: backend and threads; ``name`` is e.g. ``torch-1t`` or ``ort-2t``."""
 
     backend: str = "torch"
     threads: int = 1
@@ -57,21 +85,59 @@ class Target:
 
     @property
     def name(self) -> str:
-        return f"{self.backend}-{self.threads}t"
+        return f"{BACKENDS[self.backend]}-{self.threads}t"
 
     @classmethod
     def parse(cls, name: str) -> Target:
-        """``torch-2t`` -> Target("torch", 2)."""
+        """``torch-2t`` -> Target("torch", 2); ``ort-1t`` -> Target("onnxruntime", 1)."""
         match = _NAME.match(name.strip().lower())
         if not match:
             raise BlockscaleError(
                 f"cannot read the target {name!r}",
-                hint="write targets as BACKEND-Nt, e.g. torch-1t or torch-2t",
+                hint="write targets as BACKEND-Nt, e.g. torch-1t or ort-2t",
             )
-        return cls(match["backend"], int(match["threads"]))
+        if match["backend"] not in _BY_NAME:
+            raise BlockscaleError(
+                f"unknown backend {match['backend']!r} in the target {name!r}",
+                hint=f"use one of: {', '.join(sorted(_BY_NAME))}",
+            )
+        return cls(_BY_NAME[match["backend"]], int(match["threads"]))
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "name": self.name, "machine": machine()}
+
+    def runner(self, decomposition: Decomposition) -> Runner:
+        """What builds timed calls of ``decomposition``'s selections on this target."""
+        if self.backend == "torch":
+            return _TorchRunner(decomposition)
+        if self.backend == "tflite":
+            return _TFLiteRunner(decomposition, self.threads)
+        return _OrtRunner(decomposition, self.threads)
+
+    def time_calls(
+        self,
+        calls: Sequence[Callable[[], object]],
+        *,
+        warmup: int = 5,
+        repeats: int = 30,
+        rounds: int = 5,
+    ) -> list[list[float]]:
+        """Timings in ms of every call, ``repeats`` each, taken in ``rounds`` round-robin turns
+        (each turn warms a call up, then times a share of its repeats)."""
+        rounds = max(1, min(rounds, repeats))
+        per_round = max(1, repeats // rounds)
+        spans: list[list[float]] = [[] for _ in calls]
+        clock = time.perf_counter
+        with _threads(self.threads), torch.inference_mode():
+            for _ in range(rounds):
+                for call, span in zip(calls, spans, strict=True):
+                    for _ in range(warmup):
+                        call()
+                    for _ in range(per_round):
+                        start = clock()
+                        call()
+                        span.append((clock() - start) * 1e3)
+        return spans
 
     def samples_ms(
         self,
@@ -138,3 +204,108 @@ def _threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class _TorchRunner:
+    """Torch eager: the composed module itself (the frame is shared, nothing is copied)."""
+
+    def __init__(self, decomposition: Decomposition) -> None:
+        self.decomposition = decomposition
+        self.x = torch.randn(1, *decomposition.plan.input_shape)
+
+    def model(self, blocks: Sequence[nn.Module]) -> Callable[[], object]:
+        module = compose(self.decomposition, blocks).eval()
+        return lambda: module(self.x)
+
+    def block(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
+        module.eval()
+        x = torch.randn(1, *input_shape)
+        return lambda: module(x)
+
+    def idle(self, input_shape: Sequence[int]) -> Callable[[], object]:
+        return self.block(nn.Identity(), input_shape)
+
+
+class _OrtRunner:
+    """ONNX Runtime: the frame exported once as pieces, each block once, spliced per selection
+    into one graph (:class:`blockscale.ort.MergedSession`, the deployed design)."""
+
+    def __init__(self, decomposition: Decomposition, threads: int) -> None:
+        self.decomposition = decomposition
+        self.threads = threads
+        self.frame = export_frame(decomposition)
+        self.x = np.random.default_rng(0).standard_normal(
+            (1, *decomposition.plan.input_shape), dtype=np.float32
+        )
+        self._models: dict[
+            int, tuple[nn.Module, onnx.ModelProto]
+        ] = {}  # id(module) -> (module, ONNX model)
+
+    def export(self, module: nn.Module, input_shape: Sequence[int]) -> onnx.ModelProto:
+        """``module`` exported (and checked) once, then reused."""
+        key = id(module)
+        if key not in self._models:
+            example = (torch.zeros(1, *input_shape),)
+            self._models[key] = (module, export_onnx(module, example, name=type(module).__name__))
+        return self._models[key][1]
+
+    def model(self, blocks: Sequence[nn.Module]) -> Callable[[], object]:
+        shapes = [b.input_shape for b in self.decomposition.plan.blocks]
+        models = [self.export(m, s) for m, s in zip(blocks, shapes, strict=True)]
+        session = MergedSession(self.frame, models, threads=self.threads)
+        return lambda: session(self.x)
+
+    def block(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
+        return self._session(self.export(module, input_shape), input_shape)
+
+    def idle(self, input_shape: Sequence[int]) -> Callable[[], object]:
+        value = onnx.helper.make_tensor_value_info(
+            BLOCK_INPUT, onnx.TensorProto.FLOAT, [1, *input_shape]
+        )
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", [BLOCK_INPUT], [BLOCK_OUTPUT])],
+            "idle",
+            [value],
+            [onnx.helper.make_tensor_value_info(BLOCK_OUTPUT, onnx.TensorProto.FLOAT, None)],
+        )
+        opset = [onnx.helper.make_opsetid("", OPSET)]
+        return self._session(onnx.helper.make_model(graph, opset_imports=opset), input_shape)
+
+    def _session(self, model: onnx.ModelProto, input_shape: Sequence[int]) -> Callable[[], object]:
+        session = inference_session(model, self.threads)
+        feed = {
+            BLOCK_INPUT: np.random.default_rng(1).standard_normal(
+                (1, *input_shape), dtype=np.float32
+            )
+        }
+        return lambda: session.run(None, feed)
+
+
+class _TFLiteRunner:
+    """TFLite (LiteRT): every selection and block converted at batch 1 (seconds each) and run in
+    the interpreter."""
+
+    def __init__(self, decomposition: Decomposition, threads: int) -> None:
+        if not tflite.available():
+            raise BlockscaleError(
+                "the tflite target needs the TFLite extra, which is not installed",
+                hint=tflite.INSTALL_HINT,
+            )
+        self.decomposition = decomposition
+        self.threads = threads
+
+    def model(self, blocks: Sequence[nn.Module]) -> Callable[[], object]:
+        module = compose(self.decomposition, blocks)
+        return self.block(module, self.decomposition.plan.input_shape)
+
+    def block(self, module: nn.Module, input_shape: Sequence[int]) -> Callable[[], object]:
+        x = torch.randn(1, *input_shape)
+        name = type(module).__name__
+        model = tflite.TFLiteModel(
+            tflite.convert_tflite(module, x, name=name), threads=self.threads
+        )
+        array = x.numpy()
+        return lambda: model(array)
+
+    def idle(self, input_shape: Sequence[int]) -> Callable[[], object]:
+        return self.block(nn.Identity(), input_shape)
