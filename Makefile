@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: test demo lint format clean
+TFLITE_VENV := .venv-tflite
+TFLITE_STAMP := $(TFLITE_VENV)/.installed
+
+.PHONY: test test-tflite demo lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
+
+# The TFLite extra (about 1.2 GB, and it pins older typing-extensions) lives in its own venv, so
+# `make test` stays free of it; its tests are skipped there and run here.
+$(TFLITE_STAMP): pyproject.toml constraints.txt
+	test -x $(TFLITE_VENV)/bin/python || $(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,tflite]'
+	touch $(TFLITE_STAMP)
+
+test-tflite: $(TFLITE_STAMP)
+	$(TFLITE_VENV)/bin/python -m pytest tests/test_tflite.py tests/test_targets.py
 
 demo: $(STAMP)
 	$(BIN)/blockscale demo --out demo-out
@@ -28,4 +41,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TFLITE_VENV) demo-out .pytest_cache .ruff_cache

@@ -15,10 +15,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from blockscale import Bank, BuildConfig, build, load_checkpoint, load_dataset
 from blockscale.pipeline import training_subsets
-from blockscale.profile import ProfileConfig, add_target, validate
+from blockscale.profile import ProfileConfig, add_target, profile, validate
 from blockscale.retrain import RetrainConfig
 from blockscale.targets import Target, machine
 
@@ -37,6 +38,13 @@ def main() -> None:
     parser.add_argument("--profile-samples", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument(
+        "--profile-images",
+        type=int,
+        default=0,
+        help="profile the drops again, and validate, on this many held-out training images (the "
+        "bank's profiling images, then images neither retraining nor profiling used)",
+    )
     parser.add_argument("--combine", choices=("sum", "logit"), default="logit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -73,10 +81,14 @@ def main() -> None:
         bank.decomposition(),
         bank.load_descendants(),
     )
-    profiles.combine = args.combine
-    if args.remeasure_latency:
+    if args.profile_images:  # drops and latencies measured again, on more images
+        profile_set = _held_out(train_set, config, args.profile_images)
+        profiles = profile(decomposition, descendants, profile_set, target, config.profile)
+        bank.update(profiles=profiles.to_dict())
+    elif args.remeasure_latency:
         profiles = add_target(profiles, decomposition, descendants, target, config.profile)
         bank.update(profiles=profiles.to_dict())
+    profiles.combine = args.combine
     result = validate(
         profiles,
         decomposition,
@@ -107,6 +119,15 @@ def main() -> None:
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+
+
+def _held_out(train_set, config: BuildConfig, n: int) -> Subset:
+    """``n`` training images that retraining never saw: the bank's profiling images first, then
+    those after the retraining images in the same seeded order."""
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed))
+    retrain, profiled = training_subsets(train_set, config)
+    unused = order[len(profiled) + len(retrain) :].tolist()
+    return Subset(train_set, (list(profiled.indices) + unused)[:n])
 
 
 if __name__ == "__main__":

@@ -237,3 +237,167 @@ def test_build_needs_a_trained_teacher(tmp_path):
     result = invoke("build", "-m", "vgg16_bn", "--out", tmp_path / "b")
     assert result.exit_code == 2
     assert "blockscale train --model vgg16_bn" in result.output
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def _choices_arg(choices):
+    return ",".join(map(str, choices))
+
+
+def test_export_whole_bank_to_onnx(built_bank):
+    out, _ = built_bank
+    result = invoke("export", out, "--format", "onnx", "--json")  # default folder: BANK-onnx
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    folder = out.with_name("bank-onnx")
+    assert summary["path"] == str(folder) and summary["format"] == "onnx"
+    index = json.loads((folder / "index.json").read_text())
+    assert summary["descendants"] == sum(len(family) for family in index["blocks"]) == 9 * 3
+    for name, record in index["files"].items():
+        assert (folder / name).stat().st_size == record["bytes"]
+    on_disk = [p for p in folder.rglob("*") if p.is_file()]
+    assert summary["files"] == len(index["files"]) + 1 == len(on_disk)
+    assert summary["bytes"] == sum(p.stat().st_size for p in on_disk)
+    again = invoke("export", out)
+    assert again.exit_code == 2
+    assert "already exists" in again.output and "--overwrite" in again.output
+    replaced = invoke("export", out, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    text = " ".join(replaced.stdout.split())  # rich wraps long lines
+    assert "index.json" in text and f"{len(on_disk)} files" in text
+
+
+def test_export_selection_to_onnx_matches_torch(built_bank, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    out, _ = built_bank
+    bank = Bank.open(out)
+    choices = [b % 3 for b in range(bank.plan.num_blocks)]
+    path = tmp_path / "model.onnx"
+    result = invoke("export", out, "--selection", _choices_arg(choices), "--out", path)
+    assert result.exit_code == 0, result.output
+    assert "estimated accuracy" in result.stdout and str(path) in result.stdout
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, *bank.plan.input_shape, generator=torch.Generator().manual_seed(0))
+    (got,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        expected = bank.compose(choices)(x).numpy()
+    assert abs(got - expected).max() <= 1e-4
+    # the digits `frontier` prints name the same selection; an existing file needs --overwrite
+    compact = invoke("export", out, "-s", "".join(map(str, choices)), "-o", path, "--json")
+    assert compact.exit_code == 2 and "--overwrite" in compact.output
+    compact = invoke(
+        "export", out, "-s", "".join(map(str, choices)), "-o", path, "--overwrite", "--json"
+    )
+    assert compact.exit_code == 0, compact.output
+    assert json.loads(compact.stdout)["choices"] == choices
+
+
+def test_export_by_budget_picks_what_select_picks(built_bank, tmp_path):
+    out, _ = built_bank
+    front = json.loads(invoke("frontier", out, "--json").stdout)["frontier"]
+    budget = front[len(front) // 2]["latency_ms"]
+    selected = invoke("select", out, "--latency-ms", budget, "--json")
+    assert selected.exit_code == 0, selected.output
+    path = tmp_path / "budget.onnx"
+    result = invoke("export", out, "--latency-ms", budget, "--out", path, "--json")
+    assert result.exit_code == 0, result.output
+    exported, chosen = json.loads(result.stdout), json.loads(selected.stdout)
+    assert exported["choices"] == chosen["choices"]
+    assert exported["latency_ms"] == pytest.approx(chosen["latency_ms"])
+    assert exported["budget"]["latency_ms"] == budget and exported["target"] == "torch-1t"
+    assert path.stat().st_size == exported["bytes"]
+
+
+@pytest.mark.parametrize(
+    ("selection", "message"),
+    [
+        ("0,1,2", "names 3 descendant(s), but the bank has 9 blocks"),
+        ("0,0,0,0,0,0,0,0,3", "descendant 3 does not exist for block 8 (layer3.2), which has 3"),
+        ("0,0,-1,0,0,0,0,0,0", "descendant -1 does not exist for block 2"),
+        ("0,0,0,x,0,0,0,0,0", "'x' is not a descendant index for block 3 (layer2.0)"),
+        ("0,0,0,0,1.5,0,0,0,0", "'1.5' is not a descendant index for block 4"),
+    ],
+)
+def test_export_rejects_a_bad_selection(built_bank, tmp_path, selection, message):
+    out, _ = built_bank
+    result = invoke("export", out, "--selection", selection, "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())  # rich wraps long lines
+    assert "Traceback" not in result.output and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--format", "tflite"), "TFLite exports whole selections only"),
+        (("--format", "tflite", "--out", "m.tflite"), "TFLite exports whole selections only"),
+        (("--selection", "0,0,0,0,0,0,0,0,0"), "pass --out"),
+        (("-s", "0,0,0,0,0,0,0,0,0", "--out", "m.tflite"), "pass --format tflite"),
+        (("--out", "model.onnx"), "a whole-bank export writes a folder"),
+    ],
+)
+def test_export_usage_errors(built_bank, args, message):
+    out, _ = built_bank
+    result = invoke("export", out, *args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_export_tflite_without_the_extra(built_bank, tmp_path, monkeypatch):
+    monkeypatch.setattr("blockscale.tflite.available", lambda: False)
+    out, _ = built_bank
+    path = tmp_path / "m.tflite"
+    result = invoke("export", out, "-s", "0,0,0,0,0,0,0,0,0", "-f", "tflite", "-o", path)
+    assert result.exit_code == 2
+    assert "blockscale[tflite]" in result.output and not path.exists()
+
+
+def test_export_tflite_converts_the_composed_selection(built_bank, tmp_path, monkeypatch):
+    """The CLI's side of a TFLite export (the conversion itself is tested in test_tflite.py)."""
+    import torch
+
+    out, _ = built_bank
+    bank = Bank.open(out)
+    choices = [2, 1, 0, 2, 1, 0, 2, 1, 0]
+    calls = []
+
+    def fake_export(module, example, path, *, name=None):
+        calls.append((module, example))
+        path.write_bytes(b"TFL3")
+        return path
+
+    monkeypatch.setattr("blockscale.tflite.available", lambda: True)
+    monkeypatch.setattr("blockscale.tflite.export_tflite", fake_export)
+    path = tmp_path / "m.tflite"
+    result = invoke(
+        "export", out, "-s", _choices_arg(choices), "-f", "tflite", "-o", path, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["format"] == "tflite" and path.read_bytes() == b"TFL3"
+    ((module, example),) = calls
+    assert tuple(example.shape) == (1, *bank.plan.input_shape)
+    x = torch.randn(2, *bank.plan.input_shape)
+    with torch.no_grad():
+        assert torch.equal(module(x), bank.compose(choices)(x))
+
+
+def test_export_of_an_untraceable_teacher_bank_is_a_clear_error(tmp_path):
+    import torch
+    from nets import UntraceableNet
+
+    from blockscale.derive import derive
+    from blockscale.extract import extract
+    from blockscale.types import DeriveConfig
+
+    d = extract(UntraceableNet(), torch.randn(1, 3, 8, 8), blocks=["body"])
+    Bank.write(tmp_path / "bank", d, derive(d, DeriveConfig(sparsities=(0.0, 0.5))))
+    for args in ((), ("-s", "1", "-o", tmp_path / "m.onnx")):
+        result = invoke("export", tmp_path / "bank", *args)
+        assert result.exit_code == 2
+        text = " ".join(result.output.split())
+        assert "UntraceableNet" in text and "export_selection" in text

@@ -237,6 +237,7 @@ def test_bank_select_is_the_best_estimate_within_budget(reference, tmp_path, com
             assert not fits
             continue
         assert chosen.accuracy == pytest.approx(max(fits), abs=1e-6)
+        assert opened.estimate(chosen.choices, target) == chosen
 
 
 def test_another_teacher_does_not_resume_a_stale_stage(data, tmp_path, monkeypatch):

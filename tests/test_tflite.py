@@ -123,3 +123,39 @@ def test_rejected_module_raises_export_error_and_writes_nothing(tmp_path) -> Non
 def test_tuple_output_is_rejected() -> None:
     with pytest.raises(ExportError, match="returns tuple"):
         tflite.convert_tflite(_Pair(), torch.randn(1, *SHAPE))
+
+
+@needs_extra
+def test_tflite_target_profiles_a_bank() -> None:
+    from nets import tiny_resnet
+
+    from blockscale.derive import derive
+    from blockscale.extract import compose, extract
+    from blockscale.profile import BankProfile, Profile, ProfileConfig, add_target
+    from blockscale.targets import Target
+    from blockscale.types import DeriveConfig
+
+    torch.manual_seed(0)
+    d = extract(tiny_resnet().eval(), torch.zeros(1, 1, 8, 8))
+    families = derive(d, DeriveConfig(sparsities=(0.0, 0.5)))
+    runner = Target("tflite").runner(d)
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        expected = compose(d, d.blocks)(x).numpy()
+    model = tflite.TFLiteModel(tflite.convert_tflite(compose(d, d.blocks), x))
+    assert np.abs(model(x.numpy()) - expected).max() <= tflite.ATOL
+    runner.model(d.blocks)()
+
+    def empty(block: int, index: int) -> Profile:
+        return Profile(block, index, 0.0, 0, 0, 0, 0, {})
+
+    profiles = BankProfile(
+        teacher_accuracy=1.0,
+        frame=empty(-1, 0),
+        descendants=[[empty(b, i) for i in range(len(f))] for b, f in enumerate(families)],
+    )
+    add_target(
+        profiles, d, families, Target("tflite"), ProfileConfig(warmup=1, repeats=3), progress=False
+    )
+    assert "tflite-1t" in profiles.targets
+    assert all(p.latency_ms["tflite-1t"] >= 0 for f in profiles.descendants for p in f)

@@ -140,6 +140,11 @@ class Bank:
         summed = profile.teacher_accuracy - selection.accuracy
         return dataclasses.replace(selection, accuracy=profile.accuracy(summed))
 
+    def estimate(self, choices: Sequence[int], target: str | None = None) -> Selection:
+        """The estimates of the selection ``choices`` on ``target``, as :meth:`select` reports
+        them."""
+        return self._corrected(self.cost_table(target).estimate(choices))
+
     def selector(self, target: str | None = None) -> Selector:
         """The bank's precomputed Pareto set on ``target``, built once and kept."""
         name = self.target(target)

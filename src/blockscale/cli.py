@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .errors import BlockscaleError
+from .errors import BlockscaleError, ConfigError, ExportError
 
 app = typer.Typer(
     name="blockscale",
@@ -61,9 +63,10 @@ def _run(fn: Any) -> Any:
     try:
         return fn()
     except BlockscaleError as exc:
-        _err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        # escaped: messages hold brackets (blockscale[tflite], blocks=[...]) that rich would eat
+        _err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
         if exc.hint:
-            _err.print(f"[bold]fix:[/] {exc.hint}", highlight=False)
+            _err.print(f"[bold]fix:[/] {escape(exc.hint)}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -593,6 +596,21 @@ def _budget(latency_ms: float | None, memory_mb: float | None) -> Any:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _selection_table(opened: Any, choices: Any, title: str) -> Table:
+    """One row per block: the descendant a selection picks and its sparsity."""
+    table = Table("#", "block", "descendant", "sparsity", title=title)
+    for info, d in zip(opened.plan.blocks, choices, strict=True):
+        table.add_row(str(info.index), info.name, str(d), f"{opened.derive_config.sparsities[d]:g}")
+    return table
+
+
+def _estimates(chosen: Any) -> str:
+    return (
+        f"estimated accuracy {chosen.accuracy:.2%}, latency {chosen.latency_ms:.3f} ms, "
+        f"memory {chosen.memory_mb:.3f} MB"
+    )
+
+
 @app.command()
 def select(
     bank: Annotated[Path, typer.Argument(help="Bank directory.")],
@@ -621,16 +639,8 @@ def select(
     data = {"bank": str(bank), "target": used, "budget": budget.to_dict(), **chosen.to_dict()}
 
     def render() -> None:
-        table = Table("#", "block", "descendant", "sparsity", title=f"selection on {used}")
-        for info, d in zip(opened.plan.blocks, chosen.choices, strict=True):
-            table.add_row(
-                str(info.index), info.name, str(d), f"{opened.derive_config.sparsities[d]:g}"
-            )
-        _out.print(table)
-        _out.print(
-            f"estimated accuracy {chosen.accuracy:.2%}, latency {chosen.latency_ms:.3f} ms, "
-            f"memory {chosen.memory_mb:.3f} MB"
-        )
+        _out.print(_selection_table(opened, chosen.choices, f"selection on {used}"))
+        _out.print(_estimates(chosen))
 
     _emit(data, as_json, render)
 
@@ -681,6 +691,287 @@ def frontier(
             _out.print(f"plot written to {plot}")
 
     _emit(data, as_json, render)
+
+
+_FORMATS = ("onnx", "tflite")
+_EXPORTERS = ("torchscript", "dynamo")
+_INDEX = re.compile(r"[+-]?[0-9]+")
+
+
+def _parse_selection(text: str, opened: Any) -> tuple[int, ...]:
+    """``--selection`` as one descendant index per block: ``0,3,1,...``, or the digits that
+    `frontier` prints (``031...``) when every block has at most 10 descendants."""
+    blocks = opened.plan.blocks
+    sizes = [len(family) for family in opened.descendants]
+    sparsities = opened.derive_config.sparsities
+    text = text.strip()
+    compact = "," not in text and len(blocks) > 1 and len(text) == len(blocks) and max(sizes) <= 10
+    parts = list(text) if compact else [p.strip() for p in text.split(",")]
+    example = ",".join("0" * len(blocks))
+    if len(parts) != len(blocks):
+        raise ConfigError(
+            f"--selection names {len(parts)} descendant(s), but the bank has {len(blocks)} "
+            "blocks: give one descendant index per block, in block order",
+            hint=f"for example --selection {example} (the teacher's own blocks); "
+            f"`blockscale inspect {opened.path}` lists each block's descendants",
+        )
+    choices = []
+    for info, k, part in zip(blocks, sizes, parts, strict=True):
+        index = int(part) if _INDEX.fullmatch(part) else None
+        if index is None or not 0 <= index < k:
+            problem = (
+                f"{part!r} is not a descendant index"
+                if index is None
+                else f"descendant {index} does not exist"
+            )
+            levels = ", ".join(f"{d}: sparsity {s:g}" for d, s in enumerate(sparsities[:k]))
+            raise ConfigError(
+                f"--selection: {problem} for block {info.index} ({info.name}), which has "
+                f"{k} descendants (0..{k - 1})",
+                hint=f"pick an integer from 0 to {k - 1} for each block ({levels})",
+            )
+        choices.append(index)
+    return tuple(choices)
+
+
+def _graph_only(opened: Any, what: str) -> None:
+    """The command line rebuilds graph frames only: a module frame needs the teacher's class."""
+    if opened.plan.frame_kind != "graph":
+        raise ExportError(
+            f"cannot {what}: this bank's frame is Python code of class "
+            f"{opened.manifest['frame'].get('class')} (torch.fx could not trace the teacher), "
+            "which a bank does not carry and the command line cannot rebuild",
+            hint="export from Python with the teacher as the frame: "
+            "blockscale.export.export_selection(bank.decomposition(frame=teacher), blocks, "
+            "'model.onnx')",
+        )
+
+
+def _folder_size(root: Path) -> tuple[int, int]:
+    """How many files a folder holds (recursively) and their bytes."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+@app.command("export")
+def export_cmd(
+    bank: Annotated[Path, typer.Argument(help="Bank directory.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="onnx, or tflite (whole selections only).")
+    ] = "onnx",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for a whole bank (default: BANK-onnx); the model file for a selection.",
+        ),
+    ] = None,
+    selection: Annotated[
+        str | None,
+        typer.Option(
+            "--selection", "-s", help="One descendant index per block, e.g. 0,2,1,... (one model)."
+        ),
+    ] = None,
+    latency_ms: Annotated[
+        float | None,
+        typer.Option("--latency-ms", help="Export the selection `select` picks for this budget."),
+    ] = None,
+    memory_mb: Annotated[
+        float | None, typer.Option("--memory-mb", help="Memory budget in MB for that selection.")
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="Target whose latencies to select and estimate with (default: first)."),
+    ] = None,
+    exporter: Annotated[
+        str, typer.Option(help="ONNX exporter: torchscript (fast) or dynamo (torch.export).")
+    ] = "torchscript",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a bank to ONNX (frame pieces, every descendant), or one selection as one model."""
+    fmt = fmt.lower()
+    if fmt not in _FORMATS:
+        raise typer.BadParameter(f"--format must be onnx or tflite, got {fmt!r}")
+    if exporter not in _EXPORTERS:
+        raise typer.BadParameter(f"--exporter must be torchscript or dynamo, got {exporter!r}")
+    by_budget = latency_ms is not None or memory_mb is not None
+    budget = _budget(latency_ms, memory_mb) if by_budget else None
+    if selection is not None and by_budget:
+        raise typer.BadParameter(
+            "pass --selection or a budget (--latency-ms/--memory-mb), not both"
+        )
+    if selection is None and not by_budget:
+        _run(lambda: _check_whole_bank(fmt, out, target))
+        _export_bank(bank, out, exporter, overwrite, as_json)
+        return
+
+    def run() -> dict[str, Any]:
+        import torch
+
+        from . import tflite
+        from .bank import Bank
+        from .export import export_selection
+        from .extract import compose
+
+        if out is None:
+            raise ConfigError(
+                "a selection is exported as one model file: pass --out",
+                hint=f"e.g. --out model.{fmt}",
+            )
+        suffix = out.suffix.lower().lstrip(".")
+        if suffix in _FORMATS and suffix != fmt:
+            raise ConfigError(
+                f"--out {out} names a .{suffix} file, but --format is {fmt}",
+                hint=f"pass --format {suffix}, or an --out ending in .{fmt}",
+            )
+        if out.is_dir():
+            raise ExportError(
+                f"{out} is a folder; a selection is exported as one model file",
+                hint=f"pass a file path such as {out / f'model.{fmt}'}",
+            )
+        if out.exists() and not overwrite:
+            raise ExportError(
+                f"{out} already exists", hint="choose another path, or pass --overwrite"
+            )
+        if fmt == "tflite" and not tflite.available():
+            raise ExportError(
+                "cannot export to TFLite: the TFLite extra is not installed",
+                hint=tflite.INSTALL_HINT,
+            )
+        opened = Bank.open(bank)
+        used = None
+        if by_budget:
+            assert budget is not None
+            used = opened.target(target)
+            chosen = opened.select(budget, used)
+            choices = chosen.choices
+        else:
+            assert selection is not None
+            choices = _parse_selection(selection, opened)
+            chosen = None
+            if target is not None or "profiles" in opened.manifest:
+                used = opened.target(target)
+                chosen = opened.estimate(choices, used)
+        _graph_only(opened, "export a selection from the command line")
+        decomposition = opened.decomposition()
+        blocks = [opened.load_descendant(b, d) for b, d in enumerate(choices)]
+        if fmt == "onnx":
+            export_selection(decomposition, blocks, out, exporter=exporter)
+        else:
+            example = torch.zeros(1, *opened.plan.input_shape)
+            name = f"{opened.plan.model} selection {','.join(map(str, choices))}"
+            tflite.export_tflite(compose(decomposition, blocks).eval(), example, out, name=name)
+        data: dict[str, Any] = {
+            "bank": str(bank),
+            "format": fmt,
+            "path": str(out),
+            "bytes": out.stat().st_size,
+            "choices": list(choices),
+            "sparsities": [opened.derive_config.sparsities[d] for d in choices],
+            "budget": budget.to_dict() if budget is not None else None,
+            "target": used,
+        }
+        if chosen is not None:
+            data.update(
+                accuracy=chosen.accuracy, latency_ms=chosen.latency_ms, memory_mb=chosen.memory_mb
+            )
+        return {"opened": opened, "chosen": chosen, **data}
+
+    result = _run(run)
+    opened, chosen = result.pop("opened"), result.pop("chosen")
+
+    def render() -> None:
+        how = "picked for the budget" if by_budget else "given"
+        on = f" on {result['target']}" if result["target"] else ""
+        _out.print(_selection_table(opened, result["choices"], f"exported selection ({how}){on}"))
+        if chosen is not None:
+            _out.print(_estimates(chosen))
+        _out.print(
+            f"wrote {result['path']}: one {fmt.upper() if fmt == 'onnx' else 'TFLite'} model, "
+            f"{result['bytes'] / 1024:,.1f} KiB (selection {','.join(map(str, result['choices']))})"
+        )
+
+    _emit(result, as_json, render)
+
+
+def _check_whole_bank(fmt: str, out: Path | None, target: str | None) -> None:
+    if fmt != "onnx":
+        raise ConfigError(
+            "TFLite exports whole selections only: pass --selection 0,1,... or a budget "
+            "(--latency-ms/--memory-mb) and --out model.tflite",
+            hint="or export the whole bank as ONNX: --format onnx",
+        )
+    if out is not None and out.suffix.lower() in (".onnx", ".tflite"):
+        raise ConfigError(
+            f"a whole-bank export writes a folder, not {out}",
+            hint="pass --selection or a budget (--latency-ms) to export one model, or a folder "
+            "as --out",
+        )
+    if target is not None:
+        raise ConfigError(
+            "--target chooses the latencies of a budget or a selection's estimates; a whole-bank "
+            "export uses neither",
+            hint="drop --target, or pass --latency-ms with it",
+        )
+
+
+def _export_bank(
+    bank: Path, out: Path | None, exporter: str, overwrite: bool, as_json: bool
+) -> None:
+    """Every frame piece and descendant of ``bank`` as ONNX, with index.json, in a folder."""
+    from ._progress import progress_bar
+    from .bank import Bank
+    from .export import check_destination, export_bank
+
+    def run() -> dict[str, Any]:
+        opened = Bank.open(bank)
+        _graph_only(opened, "cut the frame into ONNX pieces")
+        named = bank if bank.name else bank.resolve()
+        folder = out if out is not None else named.with_name(f"{named.name}-onnx")
+        check_destination(folder, overwrite)  # before minutes of exporting, not after
+        decomposition = opened.decomposition()
+        families = opened.load_descendants()
+        total = 1 + sum(len(f) for f in families)
+        done_before = 0
+        with progress_bar("export", total, enabled=not as_json) as advance:
+
+            def step(done: int, _total: int) -> None:
+                nonlocal done_before
+                advance(done - done_before)
+                done_before = done
+
+            exported = export_bank(
+                decomposition,
+                families,
+                folder,
+                exporter=exporter,  # type: ignore[arg-type]
+                overwrite=overwrite,
+                progress=step,
+            )
+        files, size = _folder_size(folder)
+        return {
+            "bank": str(bank),
+            "format": "onnx",
+            "exporter": exporter,
+            "path": str(folder),
+            "files": files,
+            "bytes": size,
+            "frame_pieces": sum(p.model is not None for p in exported.frame.pieces),
+            "descendants": sum(len(f) for f in exported.descendants),
+        }
+
+    summary = _run(run)
+
+    def render() -> None:
+        _out.print(
+            f"wrote {summary['frame_pieces']} frame pieces and {summary['descendants']} "
+            f"descendants as ONNX, with index.json, to {summary['path']}: {summary['files']} "
+            f"files, {summary['bytes'] / 2**20:.2f} MiB"
+        )
+
+    _emit(summary, as_json, render)
 
 
 def main() -> None:

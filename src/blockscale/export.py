@@ -230,7 +230,7 @@ def export_bank(
     ``progress(done, total)`` is called after each exported model.
     """
     out = Path(out_dir)
-    _check_destination(out, overwrite)
+    check_destination(out, overwrite)
     _require_graph_frame(decomposition.plan)
     families = descendants
     plan = decomposition.plan
@@ -562,7 +562,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse ``out`` unless it is free, or ``overwrite`` and it is an earlier export or empty."""
     if not out.exists():
         return
     if not overwrite:
