@@ -98,7 +98,9 @@ def main() -> None:
     out = {
         "command": "python benchmarks/deploy_latency.py "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out_json"
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if k != "out_json" and v is not False
         ),
         "machine": machine(),
         "python": platform.python_version(),
