@@ -180,8 +180,8 @@ def test_build_writes_a_profiled_bank(built_bank):
     out, summary = built_bank
     assert summary["options"] == 3**9
     bank = Bank.open(out)
-    assert set(bank.profile.targets) == {"torch-1t"}
-    assert bank.manifest["profiles"]["validation"]["torch-1t"]["samples"] == 2
+    assert set(bank.profile.targets) == {"ort-1t"}
+    assert bank.manifest["profiles"]["validation"]["ort-1t"]["samples"] == 2
     assert not out.with_name("bank.build").exists()
 
 
@@ -229,7 +229,7 @@ def test_profile_adds_a_target(built_bank, tmp_path):
     )
     assert result.exit_code == 0, result.output
     bank = Bank.open(copy)
-    assert set(bank.profile.targets) == {"torch-1t", "torch-2t"}
+    assert set(bank.profile.targets) == {"ort-1t", "torch-2t"}
     assert invoke("select", copy, "--latency-ms", "1000", "--target", "torch-2t").exit_code == 0
 
 
@@ -308,7 +308,7 @@ def test_export_by_budget_picks_what_select_picks(built_bank, tmp_path):
     exported, chosen = json.loads(result.stdout), json.loads(selected.stdout)
     assert exported["choices"] == chosen["choices"]
     assert exported["latency_ms"] == pytest.approx(chosen["latency_ms"])
-    assert exported["budget"]["latency_ms"] == budget and exported["target"] == "torch-1t"
+    assert exported["budget"]["latency_ms"] == budget and exported["target"] == "ort-1t"
     assert path.stat().st_size == exported["bytes"]
 
 

@@ -82,10 +82,10 @@ def test_full_build_writes_a_profiled_bank(data, reference):
     assert opened.derive_config.sparsities == SPARSITIES
     profiles = opened.profile
     assert [len(f) for f in profiles.descendants] == [2, 2]
-    assert all(p.latency_ms["torch-1t"] > 0 for f in profiles.descendants for p in f)
+    assert all(p.latency_ms["ort-1t"] >= 0 for f in profiles.descendants for p in f)
     assert [f[0].accuracy_drop for f in profiles.descendants] == [0.0, 0.0]
     assert profiles.val_samples == 32
-    assert profiles.validation["torch-1t"]["samples"] == 2
+    assert profiles.validation["ort-1t"]["samples"] == 2
     report = opened.manifest["retrain"]
     assert report["samples"] == 128 and report["cache"] == "memory"
     assert len(report["val_mse_after"]) == 2

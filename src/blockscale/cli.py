@@ -339,7 +339,9 @@ def build(
     validate_samples: Annotated[
         int, typer.Option(help="Random selections measured to check the estimate (0: skip).")
     ] = 20,
-    target: Annotated[str, typer.Option(help="Latency target, e.g. torch-1t.")] = "torch-1t",
+    target: Annotated[
+        str, typer.Option(help="Latency target: ort-Nt (ONNX Runtime), torch-Nt or tflite-Nt.")
+    ] = "ort-1t",
     cache: Annotated[str, typer.Option(help="Feature cache: auto, memory, disk or none.")] = "auto",
     fp16_cache: Annotated[bool, typer.Option(help="Cache features as float16.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

@@ -20,6 +20,7 @@ import torch
 from .bank import Bank
 from .data import load_dataset, subset
 from .errors import InfeasibleBudgetError
+from .extract import compose
 from .models import create_model, load_checkpoint, save_checkpoint
 from .pipeline import BuildConfig, build
 from .plots import plot_frontier
@@ -37,7 +38,7 @@ def demo_config() -> BuildConfig:
     """Build settings small enough for a few minutes on two cores."""
     return BuildConfig(
         retrain=RetrainConfig(epochs=3, batch_size=64, lr=1e-3),
-        profile=ProfileConfig(warmup=10, repeats=30),
+        profile=ProfileConfig(warmup=10, repeats=60),
         retrain_samples=3_000,
         profile_samples=1_000,
         validate_samples=12,
@@ -171,15 +172,15 @@ def run_demo(
 
 
 def _measure(
-    bank: Bank, candidates: list[tuple[int, ...]], test_set: Any, target: Target, rounds: int = 6
+    bank: Bank, candidates: list[tuple[int, ...]], test_set: Any, target: Target
 ) -> tuple[dict[tuple[int, ...], float], dict[tuple[int, ...], float]]:
-    """Test accuracy and median latency of each selection; latencies are taken round-robin, so
-    a machine whose speed drifts slows all of them alike."""
-    models = {key: bank.compose(list(key)) for key in dict.fromkeys(candidates)}
-    accuracy = {key: evaluate(model, test_set) for key, model in models.items()}
-    samples: dict[tuple[int, ...], list[float]] = {key: [] for key in models}
-    for _ in range(rounds):
-        for key, model in models.items():
-            (taken,) = target.samples_ms(model, bank.plan.input_shape, warmup=3, repeats=5)
-            samples[key].extend(taken)
-    return accuracy, {key: statistics.median(times) for key, times in samples.items()}
+    """Test accuracy and median latency on ``target`` of each selection; latencies are taken
+    round-robin, so a machine whose speed drifts slows all of them alike."""
+    keys = list(dict.fromkeys(candidates))
+    decomposition = bank.decomposition()
+    descendants = bank.load_descendants()
+    blocks = {key: [descendants[b][d].module for b, d in enumerate(key)] for key in keys}
+    accuracy = {key: evaluate(compose(decomposition, blocks[key]), test_set) for key in keys}
+    runner = target.runner(decomposition)
+    spans = target.time_calls([runner.model(blocks[key]) for key in keys], warmup=3, repeats=60)
+    return accuracy, {key: statistics.median(span) for key, span in zip(keys, spans, strict=True)}

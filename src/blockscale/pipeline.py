@@ -44,7 +44,7 @@ class BuildConfig:
     derive: DeriveConfig = field(default_factory=DeriveConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    target: str = "torch-1t"
+    target: str = "ort-1t"
     retrain_samples: int = 10_000
     profile_samples: int = 2_000
     validate_samples: int = 20
