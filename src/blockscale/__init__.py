@@ -12,6 +12,7 @@ from .errors import BlockscaleError
 from .extract import Decomposition, compose, extract
 from .models import create_model, list_models, load_checkpoint, save_checkpoint
 from .pipeline import BuildConfig, build
+from .runtime import Runtime, RuntimeConfig, SwitchReport
 from .train import TrainConfig, evaluate, train
 from .types import BlockInfo, BlockPlan, Budget, DeriveConfig, DescendantInfo, Profile, Selection
 
@@ -27,7 +28,10 @@ __all__ = [
     "Descendant",
     "DescendantInfo",
     "Profile",
+    "Runtime",
+    "RuntimeConfig",
     "Selection",
+    "SwitchReport",
     "TrainConfig",
     "__version__",
     "build",

@@ -1,0 +1,364 @@
+"""The runtime: a live composed model that follows a changing budget by swapping only changed blocks.
+
+:class:`Runtime` holds one selection of a bank running on a target the bank was profiled on. A
+budget change re-selects (:meth:`Bank.select`) and swaps in the descendants of the blocks whose
+choice changed; the other blocks' loaded modules (and, on ONNX Runtime, their exported models) are
+reused. Every switch returns a :class:`SwitchReport`: blocks changed, bytes loaded, seconds.
+
+Loading is lazy: a descendant is read from the bank only when a switch needs it and the cache does
+not hold it. :meth:`Bank.load_descendant` reads the whole weight file and checks its sha256 before
+parsing it (it does not memory-map: the check reads every byte anyway, and a mapping made after the
+check could see a file changed since). The cache is an LRU bounded in bytes (each descendant
+counted at its file size); live descendants are never evicted. The teacher's own blocks (sparsity
+0) stay resident with the frame, which holds them, so switching to one never loads.
+
+Switching is safe while other threads call the runtime: a switch builds the new model aside, then
+publishes it by replacing one reference (under the switch lock, which serialises switches); a call
+reads that reference once, so it runs wholly on the old model or wholly on the new one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .bank import Bank
+from .errors import BankError, ConfigError, InputShapeError
+from .export import export_frame, export_onnx
+from .extract import Decomposition, compose
+from .ort import DEFAULT_DESIGN, Design, compose_session
+from .targets import Target
+from .types import Budget, Selection
+
+Key = tuple[int, int]  # (block, descendant index)
+_Run = Callable[[torch.Tensor], torch.Tensor]
+_DESIGNS = ("merged", "chained")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a runtime keeps descendants and runs them.
+
+    ``cache_bytes`` bounds the bytes of loaded descendants kept beyond the live ones (0: keep only
+    what is live); ``design`` is how ONNX Runtime targets run a selection (see
+    :mod:`blockscale.ort`; ``merged`` runs fastest). Every switch builds a new session rather than
+    swapping one in place under its callers, so ``chained`` gives up its cheaper swap here and runs
+    one call at a time (its buffers are shared). ``history`` is how many switch reports are kept.
+    """
+
+    cache_bytes: int = 64 * 2**20
+    design: Design = DEFAULT_DESIGN
+    history: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.cache_bytes < 0:
+            raise ConfigError(f"RuntimeConfig.cache_bytes must be >= 0, got {self.cache_bytes}")
+        if self.design not in _DESIGNS:
+            raise ConfigError(
+                f"unknown ONNX Runtime design {self.design!r}", hint=f"use one of {_DESIGNS}"
+            )
+        if self.history < 1:
+            raise ConfigError(f"RuntimeConfig.history must be >= 1, got {self.history}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    """What one switch did: the selection now live (and the budget it answers, None for an explicit
+    selection), the blocks whose descendant changed, the bytes read from the bank for descendants
+    the cache did not hold, how many changed blocks the cache (or the resident teacher blocks)
+    served, and the wall time of the switch (select, load, build, publish)."""
+
+    selection: Selection
+    budget: Budget | None
+    changed: tuple[int, ...]
+    bytes_loaded: int
+    cache_hits: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "selection": self.selection.to_dict(),
+            "budget": None if self.budget is None else self.budget.to_dict(),
+            "changed": list(self.changed),
+            "bytes_loaded": self.bytes_loaded,
+            "cache_hits": self.cache_hits,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class _Live:
+    """Everything a call needs, published as one reference: never mutated once built."""
+
+    selection: Selection
+    budget: Budget | None
+    parts: tuple[Any, ...]  # per block: what the backend builds models from
+    run: _Run
+
+
+class _Backend(Protocol):
+    """What differs between targets: the form a loaded descendant takes, and how a model is built."""
+
+    def part(self, block: int, module: nn.Module) -> Any:
+        """``module`` (a descendant of ``block``) in the form :meth:`build` takes."""
+        ...
+
+    def build(self, parts: Sequence[Any]) -> _Run:
+        """A call running the frame with ``parts`` in its slots."""
+        ...
+
+
+class _TorchBackend:
+    """Torch eager: the composed module (the frame is shared, blocks are the loaded modules)."""
+
+    def __init__(self, decomposition: Decomposition) -> None:
+        self.decomposition = decomposition
+
+    def part(self, block: int, module: nn.Module) -> nn.Module:
+        return module
+
+    def build(self, parts: Sequence[Any]) -> _Run:
+        module = compose(self.decomposition, parts).eval()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return module(x)
+
+        return run
+
+
+class _OrtBackend:
+    """ONNX Runtime: the frame exported once, each descendant exported once when loaded, and one
+    session of ``design`` per selection (a live session is never swapped in place)."""
+
+    def __init__(self, decomposition: Decomposition, design: Design, threads: int) -> None:
+        self.plan = decomposition.plan
+        self.frame = export_frame(decomposition)
+        self.design = design
+        self.threads = threads
+
+    def part(self, block: int, module: nn.Module) -> onnx.ModelProto:
+        example = (torch.zeros(1, *self.plan.blocks[block].input_shape),)
+        return export_onnx(module, example, name=f"{self.plan.model} block {block}")
+
+    def build(self, parts: Sequence[Any]) -> _Run:
+        session = compose_session(self.frame, parts, design=self.design, threads=self.threads)
+        # a chain's IO buffers are shared by its calls: one call at a time
+        call = _serialised(session) if self.design == "chained" else session
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            array = x.detach().cpu().numpy().astype(np.float32, copy=False)
+            return torch.from_numpy(call(array))
+
+        return run
+
+
+def _serialised(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn`` behind a lock, so that concurrent callers take turns."""
+    lock = threading.Lock()
+
+    def call(array: np.ndarray) -> np.ndarray:
+        with lock:
+            return fn(array)
+
+    return call
+
+
+class _Cache:
+    """Loaded descendants by (block, index), least recently used first, each sized in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[Key, tuple[Any, int]] = OrderedDict()
+
+    def get(self, key: Key) -> Any | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: Key, part: Any, size: int) -> None:
+        self._entries[key] = (part, size)
+
+    def trim(self, live: set[Key]) -> None:
+        """Evict the least recently used entries that are not live until the others fit."""
+        spare = sum(size for key, (_, size) in self._entries.items() if key not in live)
+        for key in [k for k in self._entries if k not in live]:
+            if spare <= self.capacity:
+                break
+            spare -= self._entries.pop(key)[1]
+
+    def keys(self) -> tuple[Key, ...]:
+        return tuple(self._entries)
+
+
+class Runtime:
+    """A bank's selection running live on ``target``, switched by :meth:`set_budget` or
+    :meth:`set_selection` while other threads call it.
+
+    ``target`` must be one the bank was profiled on (default: its first). It starts at the most
+    accurate selection within ``budget`` (default: no limits). ``frame`` is needed only for a bank
+    whose frame is Python code (see :meth:`Bank.load_frame`). Torch's intra-op thread count is
+    process-wide and left to the caller; ONNX Runtime sessions use the target's threads.
+    """
+
+    def __init__(
+        self,
+        bank: Bank,
+        target: str | Target | None = None,
+        config: RuntimeConfig | None = None,
+        *,
+        frame: nn.Module | None = None,
+        budget: Budget | None = None,
+    ) -> None:
+        name = bank.target(target.name if isinstance(target, Target) else target)
+        self.bank = bank
+        self.target = Target.parse(name)
+        self.config = config or RuntimeConfig()
+        if self.target.backend == "tflite":
+            raise ConfigError(
+                "the runtime runs torch and onnxruntime targets, not tflite",
+                hint="profile the bank on ort-Nt or torch-Nt and run the runtime there",
+            )
+        budget = budget or Budget()
+        first = bank.select(budget, name)  # an infeasible budget fails before anything loads
+        decomposition = bank.decomposition(frame)
+        if self.target.backend == "torch":
+            self._backend: _Backend = _TorchBackend(decomposition)
+        else:
+            self._backend = _OrtBackend(decomposition, self.config.design, self.target.threads)
+        # the teacher's own blocks, held by the frame anyway: parts made from them on first use
+        self._teacher = {
+            (b, info.index): module
+            for b, (family, module) in enumerate(
+                zip(bank.descendants, decomposition.blocks, strict=True)
+            )
+            for info in family
+            if info.sparsity == 0
+        }
+        self._resident: dict[Key, Any] = {}
+        self._cache = _Cache(self.config.cache_bytes)
+        self._lock = threading.Lock()
+        self._history: deque[SwitchReport] = deque(maxlen=self.config.history)
+        self._live: _Live | None = None
+        with self._lock:
+            self._switch(time.perf_counter(), first, budget)
+
+    # -- calling -------------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The live model's output for ``x`` (a batch of the bank's input shape)."""
+        live = self._live  # read once: this call runs wholly on this model
+        assert live is not None
+        shape = self.bank.plan.input_shape
+        if not isinstance(x, torch.Tensor) or x.dim() != len(shape) + 1 or x.shape[1:] != shape:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputShapeError(
+                f"the runtime takes a batch of shape (N, {', '.join(map(str, shape))}), got {got}",
+                hint="pass a float tensor with a batch dimension, e.g. x.unsqueeze(0) for one sample",
+            )
+        return live.run(x)
+
+    # -- switching -----------------------------------------------------------------------------
+
+    def set_budget(self, budget: Budget) -> SwitchReport:
+        """Switch to the most accurate selection within ``budget``; an infeasible budget raises
+        :class:`~blockscale.errors.InfeasibleBudgetError` and leaves the live model as it is."""
+        with self._lock:
+            start = time.perf_counter()
+            return self._switch(start, self.bank.select(budget, self.target.name), budget)
+
+    def set_selection(self, choices: Sequence[int]) -> SwitchReport:
+        """Switch to descendant ``choices[b]`` in each block ``b`` (no budget)."""
+        picks = tuple(int(c) for c in choices)
+        sizes = [len(family) for family in self.bank.descendants]
+        if len(picks) != len(sizes) or not all(
+            0 <= c < k for c, k in zip(picks, sizes, strict=True)
+        ):
+            raise BankError(
+                f"the selection {picks} does not name one descendant per block of the bank",
+                hint=f"pass one index per block; the blocks have {sizes} descendants",
+            )
+        with self._lock:
+            start = time.perf_counter()
+            return self._switch(start, self.bank.estimate(picks, self.target.name), None)
+
+    def _switch(self, start: float, selection: Selection, budget: Budget | None) -> SwitchReport:
+        """Load the changed blocks, build the new model aside and publish it (lock held)."""
+        old = self._live
+        choices = selection.choices
+        changed = tuple(
+            b for b, d in enumerate(choices) if old is None or old.selection.choices[b] != d
+        )
+        loaded = hits = 0
+        parts = list(old.parts) if old is not None else [None] * len(choices)
+        try:
+            for b in changed:
+                parts[b], size = self._fetch((b, choices[b]))
+                if size:
+                    loaded += size
+                else:
+                    hits += 1
+            run = old.run if old is not None and not changed else self._backend.build(parts)
+            self._live = _Live(selection, budget, tuple(parts), run)
+        finally:
+            live = self._live.selection.choices if self._live is not None else ()
+            self._cache.trim(set(enumerate(live)))
+        report = SwitchReport(selection, budget, changed, loaded, hits, time.perf_counter() - start)
+        self._history.append(report)
+        return report
+
+    def _fetch(self, key: Key) -> tuple[Any, int]:
+        """Descendant ``key`` as a part, and the bytes read from the bank for it (0 when the
+        cache or the resident teacher blocks held it)."""
+        if key in self._teacher:
+            if key not in self._resident:
+                self._resident[key] = self._backend.part(key[0], self._teacher[key])
+            return self._resident[key], 0
+        part = self._cache.get(key)
+        if part is not None:
+            return part, 0
+        size = self.bank.file_bytes(*key)
+        part = self._backend.part(key[0], self.bank.load_descendant(*key))
+        self._cache.put(key, part, size)
+        return part, size
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def selection(self) -> Selection:
+        """The live selection."""
+        assert self._live is not None
+        return self._live.selection
+
+    @property
+    def budget(self) -> Budget | None:
+        """The budget the live selection answers (None after :meth:`set_selection`)."""
+        assert self._live is not None
+        return self._live.budget
+
+    @property
+    def history(self) -> list[SwitchReport]:
+        """The latest switch reports, oldest first; the first is the initial build."""
+        with self._lock:
+            return list(self._history)
+
+    @property
+    def cached(self) -> tuple[Key, ...]:
+        """The (block, index) of every descendant the cache holds, least recently used first
+        (the resident teacher blocks are not among them)."""
+        with self._lock:
+            return self._cache.keys()

@@ -1,0 +1,225 @@
+import itertools
+import threading
+
+import pytest
+import torch
+from nets import tiny_resnet
+
+from blockscale.bank import Bank
+from blockscale.derive import derive
+from blockscale.errors import (
+    BankError,
+    ConfigError,
+    InfeasibleBudgetError,
+    InputShapeError,
+    ProfileError,
+)
+from blockscale.extract import extract
+from blockscale.profile import BankProfile
+from blockscale.runtime import Runtime, RuntimeConfig, SwitchReport
+from blockscale.targets import Target
+from blockscale.types import Budget, DeriveConfig, Profile
+
+SPARSITIES = (0.0, 0.5, 0.75)
+SHAPE = (1, 8, 8)
+# Made-up profiles, so that each budget has one known best selection on both targets: the frame
+# takes 1 ms, each block 3, 2 or 1 ms by descendant; block 0 loses less accuracy than block 1.
+DROPS = ((0.0, 0.02, 0.06), (0.0, 0.03, 0.08))
+LATENCY = (3.0, 2.0, 1.0)
+BEST = {  # latency budget (ms) -> the most accurate selection within it
+    None: (0, 0),
+    6.0: (1, 0),
+    5.0: (1, 1),
+    4.0: (2, 1),
+    3.0: (2, 2),
+}
+BIG = RuntimeConfig(cache_bytes=2**30)
+TARGETS = ("torch-1t", "ort-1t")
+
+
+def _profiles() -> BankProfile:
+    def entry(block: int, index: int, drop: float, ms: float) -> Profile:
+        times = dict.fromkeys(TARGETS, ms)
+        return Profile(block, index, drop, 100, 1000, 400, 256, times)
+
+    return BankProfile(
+        teacher_accuracy=0.9,
+        frame=entry(-1, 0, 0.0, 1.0),
+        descendants=[
+            [entry(b, d, DROPS[b][d], LATENCY[d]) for d in range(len(SPARSITIES))] for b in range(2)
+        ],
+        targets={name: Target.parse(name).to_dict() for name in TARGETS},
+    )
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    d = extract(tiny_resnet(), torch.zeros(1, *SHAPE))
+    families = derive(d, DeriveConfig(sparsities=SPARSITIES))
+    path = tmp_path_factory.mktemp("runtime") / "bank"
+    return Bank.write(path, d, families, extra={"profiles": _profiles().to_dict()})
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def references(bank, x):
+    """The output for ``x`` of every selection, composed by the bank."""
+    with torch.no_grad():
+        return {
+            choices: bank.compose(choices)(x)
+            for choices in itertools.product(range(len(SPARSITIES)), repeat=2)
+        }
+
+
+def _bytes(bank, keys):
+    return sum(bank.file_bytes(b, d) for b, d in keys)
+
+
+def test_set_budget_follows_select_and_compose(bank, x, references):
+    runtime = Runtime(bank, "torch-1t", BIG)
+    assert runtime.selection == bank.select(Budget(), "torch-1t")
+    for latency, choices in BEST.items():
+        budget = Budget(latency_ms=latency)
+        report = runtime.set_budget(budget)
+        assert report.selection == runtime.selection == bank.select(budget, "torch-1t")
+        assert runtime.selection.choices == choices and runtime.budget == budget
+        torch.testing.assert_close(runtime(x), references[choices], rtol=0, atol=0)
+
+
+def test_onnxruntime_target_matches_torch(bank, x, references):
+    runtime = Runtime(bank, Target("onnxruntime"), BIG)
+    assert runtime.target.name == "ort-1t"
+    for choices in [(0, 0), (2, 1), (1, 2)]:
+        runtime.set_selection(choices)
+        out = runtime(x)
+        assert out.shape == references[choices].shape
+        assert (out - references[choices]).abs().max() <= 1e-4
+
+
+def test_a_switch_changes_only_the_blocks_that_differ(bank):
+    runtime = Runtime(bank, "torch-1t", BIG)
+    first = runtime.history[0]
+    assert first.changed == (0, 1) and first.bytes_loaded == 0  # teacher blocks are resident
+    report = runtime.set_budget(Budget(latency_ms=5.0))  # (0, 0) -> (1, 1)
+    assert report.changed == (0, 1) and report.cache_hits == 0
+    assert report.bytes_loaded == _bytes(bank, [(0, 1), (1, 1)]) > 0
+    report = runtime.set_budget(Budget(latency_ms=4.0))  # (1, 1) -> (2, 1)
+    assert report.changed == (0,) and report.bytes_loaded == _bytes(bank, [(0, 2)])
+    assert report.seconds > 0
+    report = runtime.set_budget(Budget(latency_ms=4.5))  # same selection, another budget
+    assert (report.changed, report.bytes_loaded) == ((), 0)
+    assert runtime.budget == Budget(latency_ms=4.5)
+    assert [r.selection.choices for r in runtime.history] == [(0, 0), (1, 1), (2, 1), (2, 1)]
+    assert isinstance(runtime.history[-1], SwitchReport)
+    assert runtime.history[-1].to_dict()["changed"] == []
+
+
+def test_switching_back_hits_the_cache_when_it_is_large_enough(bank):
+    runtime = Runtime(bank, "torch-1t", BIG)
+    runtime.set_selection((1, 1))
+    runtime.set_selection((2, 2))
+    back = runtime.set_selection((1, 1))
+    assert back.changed == (0, 1)
+    assert (back.bytes_loaded, back.cache_hits) == (0, 2)
+    assert runtime.budget is None
+
+
+def test_without_a_cache_switching_back_loads_again(bank):
+    runtime = Runtime(bank, "torch-1t", RuntimeConfig(cache_bytes=0))
+    runtime.set_selection((1, 1))
+    runtime.set_selection((2, 1))  # block 1 stays live, so it stays loaded
+    assert set(runtime.cached) == {(0, 2), (1, 1)}
+    back = runtime.set_selection((1, 1))
+    assert back.changed == (0,) and back.bytes_loaded == _bytes(bank, [(0, 1)])
+    assert back.cache_hits == 0
+
+
+def test_the_cache_stays_within_its_bound(bank):
+    bound = max(bank.file_bytes(b, d) for b in range(2) for d in (1, 2))  # room for one spare
+    runtime = Runtime(bank, "torch-1t", RuntimeConfig(cache_bytes=bound))
+    order = list(itertools.product(range(len(SPARSITIES)), repeat=2))
+    for choices in order + order[::-1]:
+        runtime.set_selection(choices)
+        live = {(b, d) for b, d in enumerate(choices) if d != 0}
+        cached = set(runtime.cached)
+        assert live <= cached
+        assert _bytes(bank, cached - live) <= bound
+
+
+def test_an_infeasible_budget_leaves_the_live_model(bank, x, references):
+    runtime = Runtime(bank, "torch-1t", BIG, budget=Budget(latency_ms=5.0))
+    before = (runtime.selection, runtime.budget, len(runtime.history))
+    with pytest.raises(InfeasibleBudgetError) as info:
+        runtime.set_budget(Budget(latency_ms=2.0))
+    assert info.value.min_latency_ms == pytest.approx(3.0)
+    assert (runtime.selection, runtime.budget, len(runtime.history)) == before
+    torch.testing.assert_close(runtime(x), references[(1, 1)], rtol=0, atol=0)
+    with pytest.raises(InfeasibleBudgetError):
+        Runtime(bank, "torch-1t", budget=Budget(latency_ms=2.0))
+
+
+def test_unknown_target_and_bad_inputs_are_refused(bank):
+    with pytest.raises(ProfileError, match=r"not profiled on 'ort-2t'.*torch-1t, ort-1t"):
+        Runtime(bank, "ort-2t")
+    runtime = Runtime(bank)  # the first profiled target
+    assert runtime.target.name == "torch-1t"
+    with pytest.raises(InputShapeError, match=r"\(N, 1, 8, 8\), got shape \(1, 8, 8\)"):
+        runtime(torch.zeros(*SHAPE))
+    with pytest.raises(BankError, match="one descendant per block"):
+        runtime.set_selection((0, 3))
+    with pytest.raises(BankError):
+        runtime.set_selection((0,))
+    with pytest.raises(ConfigError):
+        RuntimeConfig(cache_bytes=-1)
+    with pytest.raises(ConfigError):
+        RuntimeConfig(design="parallel")
+
+
+@pytest.mark.parametrize(
+    ("target", "design"), [("torch-1t", "merged"), ("ort-1t", "merged"), ("ort-1t", "chained")]
+)
+def test_calls_during_switches_run_on_one_model(bank, x, references, target, design):
+    """Four threads call the runtime while the budget alternates; every output is that of one
+    whole selection, never a mix of two (a mix, e.g. (2, 0), has an output of its own)."""
+    budgets = [Budget(latency_ms=5.0), Budget(latency_ms=3.0), Budget()]
+    live = {BEST[b.latency_ms] for b in budgets}
+    tol = 1e-5 if target.startswith("torch") else 1e-4
+    runtime = Runtime(bank, target, RuntimeConfig(cache_bytes=2**30, design=design))
+    for budget in budgets:  # load and export everything first, so switches are quick
+        runtime.set_budget(budget)
+    done = threading.Event()
+    outputs: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            while not done.is_set():
+                outputs.append(runtime(x))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(21):
+            runtime.set_budget(budgets[i % len(budgets)])
+            done.wait(0.005)
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+    assert len(outputs) > 20
+    seen = set()
+    for out in outputs:
+        matches = [c for c in live if (out - references[c]).abs().max() <= tol]
+        assert matches, "an output matches no selection that was live"
+        seen.update(matches)
+    assert len(seen) > 1  # the callers did run across switches
+    mixes = [c for c in references if c not in live]
+    assert all((references[m] - references[c]).abs().max() > 1e-3 for m in mixes for c in live)
