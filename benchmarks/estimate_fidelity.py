@@ -103,9 +103,12 @@ def main() -> None:
     out = {
         "command": "python benchmarks/estimate_fidelity.py "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}"
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
             for k, v in vars(args).items()
-            if k not in ("out_json", "reuse_bank", "bank", "remeasure_latency")
+            if k != "out_json"
+            and v is not False
+            # a reused bank keeps the settings it was built with (under "build")
+            and not (args.reuse_bank and k in ("retrain_samples", "profile_samples", "epochs"))
         ),
         "machine": machine(),
         "python": platform.python_version(),
