@@ -86,6 +86,33 @@ class InfeasibleBudgetError(BlockscaleError, ValueError):
         super().__init__(message, hint)
 
 
+class InfeasibleMemberError(InfeasibleBudgetError):
+    """One model of a joint selection whose own limits (``min_accuracy``, ``max_latency_ms``) no
+    selection of its bank meets, whatever the shared budget; ``member`` is its position.
+
+    ``min_latency_ms`` and ``min_memory_mb`` are the least that model's selections reaching its
+    ``min_accuracy`` need (None when none reaches it).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        member: int,
+        min_latency_ms: float | None = None,
+        min_memory_mb: float | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.member = member
+        super().__init__(
+            message, min_latency_ms=min_latency_ms, min_memory_mb=min_memory_mb, hint=hint
+        )
+
+
+class SolverError(BlockscaleError):
+    """An optimiser that stopped without an answer it can vouch for (a time limit, numerical trouble)."""
+
+
 class ProfileError(BlockscaleError):
     """A bank that lacks the profiles a step needs (for instance latency on the asked target)."""
 
@@ -93,3 +120,12 @@ class ProfileError(BlockscaleError):
 class ExportError(BlockscaleError):
     """A model or frame that cannot be exported to ONNX, whose export disagrees with torch, or an ONNX
     model that does not fit the slot it is put in."""
+
+
+class TraceError(BlockscaleError, ValueError):
+    """A resource trace that cannot be read or does not hold what a trace must (``line``: the line
+    of the file at fault, when there is one)."""
+
+    def __init__(self, message: str, *, line: int | None = None, hint: str | None = None) -> None:
+        self.line = line
+        super().__init__(message, hint)
