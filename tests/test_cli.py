@@ -401,3 +401,98 @@ def test_export_of_an_untraceable_teacher_bank_is_a_clear_error(tmp_path):
         assert result.exit_code == 2
         text = " ".join(result.output.split())
         assert "UntraceableNet" in text and "export_selection" in text
+
+
+@pytest.fixture(scope="module")
+def tiny_bank(tmp_path_factory):
+    """A two-block bank with made-up profiles on torch-1t: blocks of 3, 2 or 1 ms, frame 1 ms."""
+    import torch
+    from nets import tiny_resnet
+
+    from blockscale.derive import derive
+    from blockscale.extract import extract
+    from blockscale.profile import BankProfile
+    from blockscale.targets import Target
+    from blockscale.types import DeriveConfig, Profile
+
+    def entry(block, index, drop, ms):
+        return Profile(block, index, drop, 100, 1000, 400 * 2**-index, 256, {"torch-1t": ms})
+
+    profiles = BankProfile(
+        teacher_accuracy=0.9,
+        frame=entry(-1, 0, 0.0, 1.0),
+        descendants=[
+            [entry(b, d, 0.02 * d * (b + 1), 3.0 - d) for d in range(3)] for b in range(2)
+        ],
+        targets={"torch-1t": Target.parse("torch-1t").to_dict()},
+    )
+    d = extract(tiny_resnet(), torch.zeros(1, 1, 8, 8))
+    families = derive(d, DeriveConfig(sparsities=(0.0, 0.5, 0.75)))
+    path = tmp_path_factory.mktemp("replay") / "bank"
+    Bank.write(path, d, families, extra={"profiles": profiles.to_dict()})
+    return path
+
+
+def test_trace_then_replay(tiny_bank, tmp_path):
+    from blockscale.replay import budget_range
+    from blockscale.traces import read_trace
+
+    trace = tmp_path / "trace.csv"
+    made = invoke(
+        "trace", "--kind", "random-walk", "--bank", tiny_bank, "--steps", 12, "--seed", 3,
+        "--out", trace, "--json",
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    summary = json.loads(made.stdout)
+    low, high = budget_range(Bank.open(tiny_bank))
+    assert (summary["low"], summary["high"]) == (low.to_dict(), high.to_dict())
+    assert len(read_trace(trace)) == summary["steps"] == 12
+    out = tmp_path / "replay"
+    result = invoke("replay", tiny_bank, "--trace", trace, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["steps"] == 12 and data["target"] == "torch-1t"
+    assert set(data["summary"]) == {"blockscale", "model_level", "comparison"}
+    record = json.loads((out / "replay.json").read_text())
+    assert len(record["steps"]) == 12 and record["summary"] == data["summary"]
+    assert (out / "replay.png").stat().st_size > 10_000
+    table = invoke("replay", tiny_bank, "-t", trace, "-o", out, "--cache-mb", "1")
+    assert table.exit_code == 0, table.output
+    assert "KiB loaded" in table.stdout and "mean accuracy" in table.stdout
+
+
+def test_trace_with_explicit_spans(tmp_path):
+    from blockscale.traces import read_trace
+
+    path = tmp_path / "t.json"
+    result = invoke("trace", "--kind", "steps", "--latency-ms", "1,2", "--steps", 5, "-o", path)
+    assert result.exit_code == 0, result.output
+    assert "latency 1 to 2 ms" in " ".join(result.stdout.split())
+    budgets = read_trace(path).budgets()
+    assert len(budgets) == 5 and all(b.memory_mb is None for b in budgets)
+
+
+def test_replay_of_a_malformed_trace_is_a_clear_error(tiny_bank, tmp_path):
+    trace = tmp_path / "bad.csv"
+    trace.write_text("time_s,latency_ms\n0,2\n1,-3\n")
+    result = invoke("replay", tiny_bank, "--trace", trace, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "line 3: Budget.latency_ms must be positive" in text
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--kind", "sine", "--latency-ms", "1,2"), "--kind must be one of"),
+        (("--latency-ms", "1"), "takes LO,HI"),
+        ((), "pass --bank"),
+        (("--latency-ms", "2,1"), "is above high"),
+        (("--latency-ms", "1,2", "--target", "ort-1t"), "pass --bank with it"),
+    ],
+)
+def test_trace_usage_errors(tmp_path, args, message):
+    result = invoke("trace", "--out", tmp_path / "t.csv", *args)
+    assert result.exit_code != 0
+    assert message in " ".join(result.output.split())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -971,6 +972,195 @@ def _export_bank(
             f"wrote {summary['frame_pieces']} frame pieces and {summary['descendants']} "
             f"descendants as ONNX, with index.json, to {summary['path']}: {summary['files']} "
             f"files, {summary['bytes'] / 2**20:.2f} MiB"
+        )
+
+    _emit(summary, as_json, render)
+
+
+@app.command("replay")
+def replay_cmd(
+    bank: Annotated[Path, typer.Argument(help="Bank directory.")],
+    trace: Annotated[
+        Path,
+        typer.Option("--trace", "-t", help="Trace file (.csv or .json), e.g. from `trace`."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for replay.json and replay.png.")
+    ],
+    target: Annotated[
+        str | None, typer.Option(help="Target to run on (default: the bank's first).")
+    ] = None,
+    cache_mb: Annotated[
+        float,
+        typer.Option(
+            "--cache-mb",
+            help="MiB of loaded descendants the block-grained runtime keeps beyond the live ones "
+            "(0: none, as the model level keeps none).",
+        ),
+    ] = 0.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay a resource trace: switch blocks as the budget changes, against model-level scaling
+    (one whole model per sparsity level, reloaded on every switch), both run for real."""
+    from .bank import Bank
+    from .replay import METHODS, plot_replay, replay
+    from .runtime import RuntimeConfig
+    from .traces import read_trace
+
+    def run() -> dict[str, Any]:
+        config = RuntimeConfig(cache_bytes=round(cache_mb * 2**20))
+        budgets = read_trace(trace)
+        result = replay(Bank.open(bank), budgets, target, config)
+        out.mkdir(parents=True, exist_ok=True)
+        data = result.to_dict()
+        (out / "replay.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+        plot = plot_replay(result, out / "replay.png")
+        return {
+            "bank": str(bank),
+            "trace": str(trace),
+            "target": result.target,
+            "steps": len(result.steps),
+            "json": str(out / "replay.json"),
+            "plot": str(plot),
+            "summary": data["summary"],
+        }
+
+    summary = _run(run)
+
+    def render() -> None:
+        sides = [summary["summary"][m] for m in METHODS]
+        ratio = summary["summary"]["comparison"]
+        table = Table(
+            "",
+            "blocks",
+            "whole models",
+            "blocks / whole",
+            title=f"replay of {summary['steps']} steps on {summary['target']}",
+            caption="accuracy: estimated, averaged over the steps both methods met",
+        )
+
+        def row(label: str, key: str, fmt: Any, note: str = "") -> None:
+            table.add_row(label, *(_or_dash(s[key], fmt) for s in sides), note)
+
+        row("steps not met", "infeasible_steps", "{:d}")
+        row("switches", "switches", "{:d}")
+        row("blocks changed", "blocks_changed", "{:d}")
+        kib = [s["bytes_loaded"] / 1024 for s in sides]
+        table.add_row(
+            "KiB loaded",
+            *(f"{k:,.1f}" for k in kib),
+            f"{_or_dash(ratio['bytes_ratio'], '{:.3f}')} "
+            f"({_or_dash(ratio['bytes_fewer_percent'], '{:.1f}')}% fewer)",
+        )
+        row(
+            "switch s, total",
+            "switch_seconds",
+            "{:.4f}",
+            _or_dash(ratio["switch_seconds_ratio"], "{:.3f}"),
+        )
+        row(
+            "switch s, median",
+            "median_switch_seconds",
+            "{:.4f}",
+            _or_dash(ratio["median_switch_seconds_ratio"], "{:.3f}"),
+        )
+        table.add_row(
+            "mean accuracy",
+            *(_or_dash(s["mean_accuracy"], "{:.2%}") for s in sides),
+            f"{_or_dash(ratio['accuracy_gain_points'], '{:+.2f}')} points",
+        )
+        _out.print(table)
+        _out.print(f"per-step record: {summary['json']}; timeline: {summary['plot']}")
+
+    _emit(summary, as_json, render)
+
+
+def _or_dash(value: Any, fmt: str) -> str:
+    """``value`` formatted, or a dash where it is undefined (None in the JSON: NaN)."""
+    return "-" if value is None else fmt.format(value)
+
+
+def _span(text: str | None, what: str) -> tuple[float, float] | None:
+    """``--latency-ms LO,HI`` as a pair."""
+    if text is None:
+        return None
+    values = _floats(text, what)
+    if len(values) != 2:
+        raise typer.BadParameter(f"{what} takes LO,HI (two numbers), got {text!r}")
+    return values[0], values[1]
+
+
+@app.command("trace")
+def trace_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Trace file to write (.csv or .json).")],
+    kind: Annotated[
+        str, typer.Option(help="Generator: steps, random-walk, or phone (apps starting/stopping).")
+    ] = "phone",
+    bank: Annotated[
+        Path | None,
+        typer.Option(help="Span budgets over this bank's range: fastest and smallest to teacher."),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Target whose latencies span the range (with --bank).")
+    ] = None,
+    latency_ms: Annotated[
+        str | None,
+        typer.Option("--latency-ms", help="Latency span LO,HI in ms (overrides --bank)."),
+    ] = None,
+    memory_mb: Annotated[
+        str | None, typer.Option("--memory-mb", help="Memory span LO,HI in MB (overrides --bank).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Number of steps.")] = 200,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    interval_s: Annotated[float, typer.Option(help="Seconds between steps.")] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate a resource trace (budgets over time) for `replay`."""
+    from .bank import Bank
+    from .replay import budget_range
+    from .traces import GENERATORS, write_trace
+    from .types import Budget
+
+    if kind not in GENERATORS:
+        raise typer.BadParameter(f"--kind must be one of {', '.join(GENERATORS)}, got {kind!r}")
+    latency, memory = _span(latency_ms, "--latency-ms"), _span(memory_mb, "--memory-mb")
+    if bank is None and latency is None and memory is None:
+        raise typer.BadParameter("pass --bank, or a span with --latency-ms and/or --memory-mb")
+
+    def run() -> dict[str, Any]:
+        if bank is None and target is not None:
+            raise ConfigError(
+                "--target picks whose latencies span a bank's range", hint="pass --bank with it"
+            )
+        low, high = (
+            budget_range(Bank.open(bank), target) if bank is not None else (Budget(), Budget())
+        )
+        if latency is not None:
+            low, high = replace(low, latency_ms=latency[0]), replace(high, latency_ms=latency[1])
+        if memory is not None:
+            low, high = replace(low, memory_mb=memory[0]), replace(high, memory_mb=memory[1])
+        generated = GENERATORS[kind](low, high, steps, seed=seed, interval_s=interval_s)
+        path = write_trace(generated, out)
+        return {
+            "path": str(path),
+            "kind": kind,
+            "steps": len(generated),
+            "seed": seed,
+            "low": low.to_dict(),
+            "high": high.to_dict(),
+        }
+
+    summary = _run(run)
+
+    def render() -> None:
+        spans = [
+            f"{name} {summary['low'][key]:.4g} to {summary['high'][key]:.4g} {unit}"
+            for name, key, unit in (("latency", "latency_ms", "ms"), ("memory", "memory_mb", "MB"))
+            if summary["low"][key] is not None
+        ]
+        _out.print(
+            f"wrote {summary['steps']} steps of a {kind} trace (seed {seed}) to {summary['path']}: "
+            f"{'; '.join(spans)}"
         )
 
     _emit(summary, as_json, render)

@@ -1,0 +1,376 @@
+"""Replaying a resource trace: block-grained switching against model-level scaling, step by step.
+
+:func:`replay` runs a bank's :class:`~blockscale.runtime.Runtime` through a trace, one
+:meth:`~blockscale.runtime.Runtime.set_budget` per step, and on the same trace the model-level
+baseline: the uniform selections (sparsity level k in every block, one variant per level), of which
+each step takes the most accurate whose estimate fits the budget. Both run on the target for real,
+through the same runtime code, so they differ only in what a switch changes: the blocks whose
+descendant changed, or every block of the model.
+
+Definitions, the same on both sides:
+
+* Start: the teacher (sparsity 0 in every block), already loaded; the first step's switch counts.
+* Bytes loaded: bytes of descendant weight files read from the bank. The frame and the teacher's
+  own blocks stay resident in the runtime on both sides and are never read again, so a model-level
+  switch to level k > 0 reads the n files of level k, and one to the teacher reads none.
+* Caches: the model level keeps none (a switch reloads the whole model); block-grained switching
+  uses ``config``, which by default keeps none either, so the comparison is of granularity alone.
+* Switch seconds: the wall time a method spends on a step, deciding included: ``set_budget``
+  (select, load, build, publish) against choosing the variant and, when it changes,
+  ``set_selection`` (load every changed block, build). The median is over the steps that switched.
+* Infeasible step: no selection (no variant) meets the budget; the method keeps its live model,
+  and the step records ``feasible: false`` and that model.
+* Mean accuracy: the estimated accuracy of the live selection, averaged per step (each step counts
+  once; generated traces are evenly spaced, so this is also the time-weighted mean) over the steps
+  where both methods met the budget, so both are averaged over the same budgets.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from matplotlib.figure import Figure
+
+from .bank import Bank, json_safe
+from .errors import InfeasibleBudgetError, ProfileError
+from .runtime import Runtime, RuntimeConfig
+from .traces import Trace
+from .types import Budget, Selection
+
+Method = Literal["blockscale", "model_level"]
+METHODS: tuple[Method, ...] = ("blockscale", "model_level")
+_LEAST = 1e-9  # a budget (ms and MB) below every selection's costs
+
+
+@dataclass(frozen=True)
+class Response:
+    """What one method did at one step: whether it met the budget, the selection live afterwards
+    (the one kept when it did not), the blocks it changed, the bytes it read and its seconds."""
+
+    feasible: bool
+    selection: Selection
+    changed: tuple[int, ...]
+    bytes_loaded: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "feasible": self.feasible,
+            **self.selection.to_dict(),
+            "changed": list(self.changed),
+            "bytes_loaded": self.bytes_loaded,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Response:
+        return cls(
+            feasible=bool(data["feasible"]),
+            selection=Selection(
+                choices=tuple(int(c) for c in data["choices"]),
+                accuracy=float(data["accuracy"]),
+                latency_ms=float(data["latency_ms"]),
+                memory_mb=float(data["memory_mb"]),
+            ),
+            changed=tuple(int(b) for b in data["changed"]),
+            bytes_loaded=int(data["bytes_loaded"]),
+            seconds=float(data["seconds"]),
+        )
+
+
+@dataclass(frozen=True)
+class ReplayStep:
+    """One step of the trace: its time and budget, and each method's response."""
+
+    time_s: float
+    budget: Budget
+    blockscale: Response
+    model_level: Response
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "time_s": self.time_s,
+            "budget": self.budget.to_dict(),
+            "blockscale": self.blockscale.to_dict(),
+            "model_level": self.model_level.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReplayStep:
+        return cls(
+            time_s=float(data["time_s"]),
+            budget=Budget(**data["budget"]),
+            blockscale=Response.from_dict(data["blockscale"]),
+            model_level=Response.from_dict(data["model_level"]),
+        )
+
+
+@dataclass(frozen=True)
+class ReplaySummary:
+    """One method over a whole trace (see the module docstring for the definitions); NaN where
+    there is nothing to take a median or mean of."""
+
+    steps: int
+    infeasible_steps: int
+    switches: int
+    blocks_changed: int
+    bytes_loaded: int
+    switch_seconds: float
+    median_switch_seconds: float
+    mean_accuracy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(
+            {
+                "steps": self.steps,
+                "infeasible_steps": self.infeasible_steps,
+                "switches": self.switches,
+                "blocks_changed": self.blocks_changed,
+                "bytes_loaded": self.bytes_loaded,
+                "switch_seconds": self.switch_seconds,
+                "median_switch_seconds": self.median_switch_seconds,
+                "mean_accuracy": self.mean_accuracy,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """A bank replayed through a trace on ``target``: every step, both methods."""
+
+    bank: str
+    model: str
+    target: str
+    config: RuntimeConfig
+    steps: tuple[ReplayStep, ...]
+
+    def responses(self, method: Method) -> tuple[Response, ...]:
+        """``method``'s response at each step."""
+        return tuple(getattr(step, method) for step in self.steps)
+
+    def summary(self, method: Method) -> ReplaySummary:
+        """``method``'s totals over the trace."""
+        responses = self.responses(method)
+        both = [s for s in self.steps if s.blockscale.feasible and s.model_level.feasible]
+        switched = [r.seconds for r in responses if r.changed]
+        accuracies = [getattr(s, method).selection.accuracy for s in both]
+        return ReplaySummary(
+            steps=len(responses),
+            infeasible_steps=sum(not r.feasible for r in responses),
+            switches=len(switched),
+            blocks_changed=sum(len(r.changed) for r in responses),
+            bytes_loaded=sum(r.bytes_loaded for r in responses),
+            switch_seconds=sum(r.seconds for r in responses),
+            median_switch_seconds=statistics.median(switched) if switched else math.nan,
+            mean_accuracy=statistics.fmean(accuracies) if accuracies else math.nan,
+        )
+
+    def comparison(self) -> dict[str, float]:
+        """Block-grained switching against the model level: ratios (blockscale / model level),
+        over the trace and per switch, the percentage of bytes saved, and the mean accuracy gained
+        in points."""
+        ours, theirs = self.summary("blockscale"), self.summary("model_level")
+        bytes_ratio = _ratio(ours.bytes_loaded, theirs.bytes_loaded)
+        return {
+            "bytes_ratio": bytes_ratio,
+            "bytes_fewer_percent": 100.0 * (1.0 - bytes_ratio),
+            "bytes_per_switch_ratio": _ratio(
+                _ratio(ours.bytes_loaded, ours.switches),
+                _ratio(theirs.bytes_loaded, theirs.switches),
+            ),
+            "switch_seconds_ratio": _ratio(ours.switch_seconds, theirs.switch_seconds),
+            "median_switch_seconds_ratio": _ratio(
+                ours.median_switch_seconds, theirs.median_switch_seconds
+            ),
+            "accuracy_gain_points": 100.0 * (ours.mean_accuracy - theirs.mean_accuracy),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(
+            {
+                "bank": self.bank,
+                "model": self.model,
+                "target": self.target,
+                "config": self.config.to_dict(),
+                "summary": {
+                    **{m: self.summary(m).to_dict() for m in METHODS},
+                    "comparison": self.comparison(),
+                },
+                "steps": [s.to_dict() for s in self.steps],
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReplayResult:
+        """A result from :meth:`to_dict`'s form (the summary is recomputed, not read)."""
+        return cls(
+            bank=str(data["bank"]),
+            model=str(data["model"]),
+            target=str(data["target"]),
+            config=RuntimeConfig(**data["config"]),
+            steps=tuple(ReplayStep.from_dict(s) for s in data["steps"]),
+        )
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def budget_range(bank: Bank, target: str | None = None) -> tuple[Budget, Budget]:
+    """The span of budgets worth tracing on ``target``: the least latency and the least memory any
+    selection needs (below either nothing fits), and the teacher's latency and memory."""
+    name = bank.target(target)
+    teacher = bank.estimate(_uniform(bank, 0), name)
+    try:
+        bank.select(Budget(latency_ms=_LEAST, memory_mb=_LEAST), name)
+    except InfeasibleBudgetError as exc:  # it carries the least latency and memory of any selection
+        assert exc.min_latency_ms is not None and exc.min_memory_mb is not None
+        least = Budget(latency_ms=exc.min_latency_ms, memory_mb=exc.min_memory_mb)
+        return least, Budget(latency_ms=teacher.latency_ms, memory_mb=teacher.memory_mb)
+    raise ProfileError(
+        f"the bank's profiles on {name} give a selection that costs no time and no memory",
+        hint="profile the bank again: blockscale profile BANK --target " + name,
+    )
+
+
+def _uniform(bank: Bank, level: int) -> tuple[int, ...]:
+    """The selection with descendant ``level`` (sparsity level) in every block."""
+    return (level,) * bank.plan.num_blocks
+
+
+def _fits(selection: Selection, budget: Budget) -> bool:
+    """Whether ``selection``'s estimates meet ``budget`` (as ``Bank.select`` compares them)."""
+    return (budget.latency_ms is None or selection.latency_ms <= budget.latency_ms) and (
+        budget.memory_mb is None or selection.memory_mb <= budget.memory_mb
+    )
+
+
+def replay(
+    bank: Bank,
+    trace: Trace,
+    target: str | None = None,
+    config: RuntimeConfig | None = None,
+    *,
+    model: str | None = None,
+) -> ReplayResult:
+    """Run ``bank`` through ``trace`` on ``target`` (default: its first), switching blocks, and run
+    the model-level baseline through it too; see the module docstring for what is measured.
+
+    ``config`` is the block-grained runtime's (default: no cache beyond the live descendants). A
+    trace with budgets per model is read at ``model`` (default: the bank's folder name).
+    """
+    name = bank.target(target)
+    budgets = trace.budgets(model or bank.path.name)
+    config = config or RuntimeConfig(cache_bytes=0)
+    teacher = _uniform(bank, 0)
+    levels = min(len(family) for family in bank.descendants)
+    # most accurate first; ties to lower latency, lower memory, then the lower level
+    variants = sorted(
+        (bank.estimate(_uniform(bank, k), name) for k in range(levels)),
+        key=lambda v: (-v.accuracy, v.latency_ms, v.memory_mb, v.choices),
+    )
+    by_block = Runtime(bank, name, config)
+    by_model = Runtime(bank, name, RuntimeConfig(cache_bytes=0, design=config.design))
+    for runtime in (by_block, by_model):
+        runtime.set_selection(teacher)
+    steps = tuple(
+        ReplayStep(
+            time_s=step.time_s,
+            budget=budget,
+            blockscale=_follow(by_block, budget),
+            model_level=_follow_variants(by_model, variants, budget),
+        )
+        for step, budget in zip(trace.steps, budgets, strict=True)
+    )
+    return ReplayResult(str(bank.path), bank.plan.model, name, config, steps)
+
+
+def _follow(runtime: Runtime, budget: Budget) -> Response:
+    """Block-grained: the runtime switches to the best selection within ``budget``."""
+    start = time.perf_counter()
+    try:
+        report = runtime.set_budget(budget)
+    except InfeasibleBudgetError:
+        return Response(False, runtime.selection, (), 0, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return Response(True, report.selection, report.changed, report.bytes_loaded, seconds)
+
+
+def _follow_variants(runtime: Runtime, variants: Sequence[Selection], budget: Budget) -> Response:
+    """Model level: the runtime switches to the most accurate variant within ``budget``."""
+    start = time.perf_counter()
+    chosen = next((v for v in variants if _fits(v, budget)), None)
+    if chosen is None:
+        return Response(False, runtime.selection, (), 0, time.perf_counter() - start)
+    if chosen.choices == runtime.selection.choices:
+        return Response(True, chosen, (), 0, time.perf_counter() - start)
+    report = runtime.set_selection(chosen.choices)
+    seconds = time.perf_counter() - start
+    return Response(True, report.selection, report.changed, report.bytes_loaded, seconds)
+
+
+# -- plot ------------------------------------------------------------------------------------------
+
+_COLOURS = {"blockscale": "tab:blue", "model_level": "tab:orange"}
+_LABELS = {"blockscale": "blockscale (blocks)", "model_level": "model level (whole models)"}
+
+
+def plot_replay(result: ReplayResult, path: str | Path, *, title: str | None = None) -> Path:
+    """Draw the replay as a timeline: budget against each method's estimated latency and memory
+    (crosses: steps a method could not meet), its estimated accuracy, and the KiB each switch
+    loaded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(9, 8.5), dpi=120)  # no pyplot: no global state, no display needed
+    axes = fig.subplots(4, 1, sharex=True)
+    times = [s.time_s for s in result.steps]
+    for ax, field, label in zip(
+        axes[:2], ("latency_ms", "memory_mb"), ("latency (ms)", "memory (MB)"), strict=True
+    ):
+        limits = [getattr(s.budget, field) for s in result.steps]
+        if any(v is not None for v in limits):
+            budget = [math.nan if v is None else v for v in limits]
+            ax.step(times, budget, where="post", color="black", linewidth=1.2, label="budget")
+        for method in METHODS:
+            responses = result.responses(method)
+            values = [getattr(r.selection, field) for r in responses]
+            ax.step(times, values, where="post", color=_COLOURS[method], label=_LABELS[method])
+            missed = [
+                (t, v) for t, v, r in zip(times, values, responses, strict=True) if not r.feasible
+            ]
+            if missed:
+                ax.scatter(*zip(*missed, strict=True), marker="x", color=_COLOURS[method], zorder=3)
+        ax.set_ylabel(label)
+    for method in METHODS:
+        responses = result.responses(method)
+        accuracy = [100 * r.selection.accuracy for r in responses]
+        axes[2].step(times, accuracy, where="post", color=_COLOURS[method])
+        switched = [
+            (t, r.bytes_loaded / 1024) for t, r in zip(times, responses, strict=True) if r.changed
+        ]
+        if switched:
+            xs, ys = zip(*switched, strict=True)
+            axes[3].vlines(xs, 0, ys, color=_COLOURS[method], alpha=0.6)
+            axes[3].scatter(xs, ys, s=10, color=_COLOURS[method])
+    axes[2].set_ylabel("est. accuracy (%)")
+    axes[3].set_ylabel("KiB loaded")
+    axes[3].set_xlabel("time (s)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower left", fontsize=8)
+    totals = {m: result.summary(m).bytes_loaded / 1024 for m in METHODS}
+    axes[3].set_title(
+        f"switches: {totals['blockscale']:,.0f} KiB loaded by blocks, "
+        f"{totals['model_level']:,.0f} KiB by whole models",
+        fontsize=9,
+    )
+    fig.suptitle(title or f"{result.model} on {result.target}: replay of {len(times)} steps")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
