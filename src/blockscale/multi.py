@@ -308,12 +308,16 @@ class JointSelector:
             options.append(f"latency_ms to at least {_ceil(latency_within)}")
         if math.isfinite(memory_within):
             options.append(f"memory_mb to at least {_ceil(memory_within / _MIB)}")
-        hint = "raise " + (
-            " or ".join(options)
-            if options
-            else f"both latency_ms to at least {_ceil(least_lat)} "
-            f"and memory_mb to at least {_ceil(least_mem / _MIB)}"
-        )
+        if not options:
+            # raising both to the fastest joint selection's own costs lets that one in (the two
+            # least totals alone may belong to different selections)
+            overall = _least_sum(by_lat, math.inf, math.inf)
+            assert overall is not None
+            options.append(
+                f"both latency_ms to at least {_ceil(_total(groups, overall, 'latency'))} "
+                f"and memory_mb to at least {_ceil(_total(groups, overall, 'memory') / _MIB)}"
+            )
+        hint = "raise " + " or ".join(options)
         limits = any(
             m.min_accuracy is not None or m.max_latency_ms is not None for m in self.members
         )
