@@ -166,6 +166,8 @@ def test_infeasible_budget_hint_names_enough(table, fractions):
             assert bool(raise_memory) == small_enough
         else:
             assert "both" in hint and raise_latency and raise_memory
+            raised = Budget(float(raise_latency.group(1)), float(raise_memory.group(1)))
+            assert best(selections, raised) is not None  # raising both as told lets one in
         if raise_latency and fast_enough:
             solve(table, Budget(float(raise_latency.group(1)), budget.memory_mb))
         if raise_memory and small_enough:

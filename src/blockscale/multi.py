@@ -63,7 +63,7 @@ import highspy
 import numpy as np
 
 from .errors import ConfigError, InfeasibleBudgetError, InfeasibleMemberError, SolverError
-from .select import CostTable, Selector, solve
+from .select import CostTable, Selector, _infeasible, solve
 from .types import Budget, Selection
 
 _MIB = float(2**20)
@@ -298,36 +298,20 @@ class JointSelector:
             smallest is not None and memory_within <= mem_cap
         ):
             raise SolverError("the joint search missed a selection that meets the budget")
-        asked = []
-        if budget.latency_ms is not None:
-            asked.append(f"latency <= {budget.latency_ms:g} ms")
-        if budget.memory_mb is not None:
-            asked.append(f"memory <= {budget.memory_mb:g} MB")
-        options = []
-        if math.isfinite(latency_within):
-            options.append(f"latency_ms to at least {_ceil(latency_within)}")
-        if math.isfinite(memory_within):
-            options.append(f"memory_mb to at least {_ceil(memory_within / _MIB)}")
-        if not options:
-            # raising both to the fastest joint selection's own costs lets that one in (the two
-            # least totals alone may belong to different selections)
-            overall = _least_sum(by_lat, math.inf, math.inf)
-            assert overall is not None
-            options.append(
-                f"both latency_ms to at least {_ceil(_total(groups, overall, 'latency'))} "
-                f"and memory_mb to at least {_ceil(_total(groups, overall, 'memory') / _MIB)}"
-            )
-        hint = "raise " + " or ".join(options)
+        overall = _least_sum(by_lat, math.inf, math.inf)
+        assert overall is not None
         limits = any(
             m.min_accuracy is not None or m.max_latency_ms is not None for m in self.members
         )
-        return InfeasibleBudgetError(
-            f"no joint selection of the {len(groups)} models meets {' and '.join(asked)} in "
-            f"total{' with their own limits' if limits else ''}: the fastest takes "
-            f"{least_lat:.4f} ms and the smallest needs {least_mem / _MIB:.4f} MB",
-            min_latency_ms=least_lat,
-            min_memory_mb=least_mem / _MIB,
-            hint=hint,
+        return _infeasible(
+            budget,
+            least_lat,
+            least_mem,
+            latency_within,
+            memory_within,
+            _total(groups, overall, "memory"),
+            subject=f"joint selection of the {len(groups)} models",
+            scope=f" in total{' with their own limits' if limits else ''}",
         )
 
 

@@ -317,7 +317,7 @@ def solve(table: CostTable, budget: Budget) -> Selection:
     lat_cap, mem_cap = table._caps(budget)
     best = _Search(table, lat_cap, mem_cap).run()
     if best is None:
-        raise _infeasible(budget, *_limits(table, lat_cap, mem_cap))
+        raise _infeasible(budget, *_limits(table, lat_cap, mem_cap), _fastest_memory(table))
     drop, latency, memory, choices = best
     # the search's sums are exact, so these are the numbers table.estimate(choices) gives
     return Selection(choices, table.teacher_accuracy - drop, latency, memory / _MIB)
@@ -383,6 +383,7 @@ class Selector:
                 float(self._memory.min()),
                 float(self._latency[self._memory <= mem_cap].min(initial=math.inf)),
                 float(self._memory[self._latency <= lat_cap].min(initial=math.inf)),
+                float(self._memory[self._latency == self._latency.min()].min()),
             )
         return self._selection(first)
 
@@ -859,14 +860,34 @@ def _limits(table: CostTable, lat_cap: float, mem_cap: float) -> tuple[float, fl
     return least[0], least[1], least[2], least[3]
 
 
+def _fastest_memory(table: CostTable) -> float:
+    """The memory (bytes) of a selection of least latency: the fastest descendant of each block,
+    the smallest among equally fast ones."""
+    choices = [
+        int(np.lexsort((table.weight_bytes[b, :k], table.latency_ms[b, :k]))[0])
+        for b, k in enumerate(table.sizes)
+    ]
+    return table.estimate(choices).memory_mb * _MIB
+
+
 def _infeasible(
     budget: Budget,
     least_latency: float,
     least_memory: float,
     latency_within: float,
     memory_within: float,
+    fastest_memory: float,
+    *,
+    subject: str = "selection",
+    scope: str = "",
 ) -> InfeasibleBudgetError:
-    """The error for a budget no selection meets: the least costs, and which budget to raise."""
+    """The error for a budget no selection meets: the least costs, and which budget to raise.
+
+    ``latency_within`` is the least latency within the memory budget and ``memory_within`` the
+    least memory within the latency budget; when neither is finite both budgets must rise, to the
+    costs of one selection (the fastest, whose memory is ``fastest_memory``): the least latency
+    and the least memory alone may belong to different selections.
+    """
     asked = []
     if budget.latency_ms is not None:
         asked.append(f"latency <= {budget.latency_ms:g} ms")
@@ -881,10 +902,10 @@ def _infeasible(
         " or ".join(options)
         if options
         else f"both latency_ms to at least {_ceil(least_latency)} "
-        f"and memory_mb to at least {_ceil(least_memory / _MIB)}"
+        f"and memory_mb to at least {_ceil(fastest_memory / _MIB)}"
     )
     return InfeasibleBudgetError(
-        f"no selection meets {' and '.join(asked)}: the fastest selection takes "
+        f"no {subject} meets {' and '.join(asked)}{scope}: the fastest selection takes "
         f"{least_latency:.4f} ms and the smallest needs {least_memory / _MIB:.4f} MB",
         min_latency_ms=least_latency,
         min_memory_mb=least_memory / _MIB,
