@@ -459,6 +459,18 @@ def test_trace_then_replay(tiny_bank, tmp_path):
     table = invoke("replay", tiny_bank, "-t", trace, "-o", out, "--cache-mb", "1")
     assert table.exit_code == 0, table.output
     assert "KiB loaded" in table.stdout and "mean accuracy" in table.stdout
+    sticky = invoke(
+        "replay", tiny_bank, "-t", trace, "-o", tmp_path / "sticky", "--hysteresis", 1, "--json"
+    )
+    assert sticky.exit_code == 0, sticky.output
+    kept = json.loads(sticky.stdout)["summary"]
+    # a margin larger than any gain: a method moves only when its live model stops fitting
+    assert kept["blockscale"]["switches"] <= data["summary"]["blockscale"]["switches"]
+    assert kept["model_level"]["switches"] <= data["summary"]["model_level"]["switches"]
+    stored = json.loads((tmp_path / "sticky" / "replay.json").read_text())
+    assert stored["config"]["switch_cost"] == {"per_block": 0.0, "per_mb": 0.0, "hysteresis": 1.0}
+    bad = invoke("replay", tiny_bank, "-t", trace, "-o", tmp_path / "bad", "--per-mb", -1)
+    assert bad.exit_code != 0 and "per_mb must be finite and >= 0" in " ".join(bad.output.split())
 
 
 def test_trace_with_explicit_spans(tmp_path):

@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import math
 import re
@@ -527,3 +528,60 @@ def test_members_are_validated():
         select_joint([], Budget())
     with pytest.raises(ConfigError, match="method"):
         select_joint([Member(table)], Budget(), method="greedy")
+
+
+def squash(summed):
+    """A non-linear, decreasing map from summed costs to accuracy, like a log-odds bank's."""
+    return 1.0 / (1.0 + np.exp(8.0 * np.asarray(summed, dtype=float) - 2.2))
+
+
+@settings(max_examples=150, deadline=None)
+@given(members(), fractions)
+def test_joint_search_on_mapped_accuracies_matches_brute_force(group, shares):
+    # the same limits as the unmapped group: a threshold maps through the decreasing map
+    mapped = [
+        dataclasses.replace(
+            m,
+            accuracy_of=squash,
+            min_accuracy=None
+            if m.min_accuracy is None
+            else float(squash(m.table.teacher_accuracy - m.min_accuracy)),
+        )
+        for m in group
+    ]
+    if any(not allowed(m) for m in group):
+        with pytest.raises(InfeasibleMemberError):
+            select_joint(mapped, Budget())
+        return
+    budget = joint_budget(group, shares)
+    options = [allowed(m) for m in group]
+
+    def value(m, s):
+        return m.priority * float(squash(m.table.teacher_accuracy - s.accuracy))
+
+    fits = [combo for combo in itertools.product(*options) if within_all(combo, budget)]
+    if not fits:
+        with pytest.raises(InfeasibleBudgetError):
+            select_joint(mapped, budget)
+        return
+    expected = max(sum(value(m, s) for m, s in zip(group, c, strict=True)) for c in fits)
+    found = select_joint(mapped, budget)
+    check_joint(group, budget, found)
+    assert math.isclose(
+        sum(value(m, s) for m, s in zip(group, found, strict=True)), expected, abs_tol=TOL
+    )
+
+
+def within_all(combo, budget):
+    return (
+        budget.latency_ms is None or sum(s.latency_ms for s in combo) <= budget.latency_ms
+    ) and (budget.memory_mb is None or sum(s.memory_mb for s in combo) <= budget.memory_mb)
+
+
+def test_milp_refuses_mapped_accuracies_and_bad_maps_are_named():
+    table = bank()
+    with pytest.raises(ConfigError, match="accuracy_of") as caught:
+        select_joint([Member(table, accuracy_of=squash)], Budget(), method="milp")
+    assert "search" in caught.value.hint
+    with pytest.raises(ConfigError, match="finite accuracies"):
+        select_joint([Member(table, accuracy_of=lambda s: np.zeros(1))], Budget())

@@ -9,6 +9,7 @@ from blockscale.bank import Bank
 from blockscale.derive import derive
 from blockscale.errors import TraceError
 from blockscale.extract import extract
+from blockscale.multi import SwitchCost
 from blockscale.profile import BankProfile
 from blockscale.replay import ReplayResult, budget_range, plot_replay, replay
 from blockscale.runtime import RuntimeConfig
@@ -193,3 +194,27 @@ def test_budget_range_spans_the_least_costs_to_the_teacher(bank):
     every = [bank.estimate(c, "ort-1t") for c in itertools.product(range(3), repeat=2)]
     assert low == Budget(min(s.latency_ms for s in every), min(s.memory_mb for s in every))
     assert high == Budget(7.0, (400 + 2 * 4000 + 256) / MIB)
+
+
+def test_a_switch_cost_applies_to_both_methods_alike(bank):
+    """A wobble between 7 ms and 6 ms: at 6 both methods must leave the teacher, at 7 the teacher
+    fits again for a gain of 0.02 (blocks) or 0.05 (whole models: level 1 loses 0.02 + 0.03).
+    A hysteresis of 0.03 keeps the blocks where they are but lets the model level return; one of
+    0.1 keeps both."""
+    wobble = (Budget(latency_ms=7.0), Budget(latency_ms=6.0)) * 4
+    trace = Trace(tuple(TraceStep(float(i), b) for i, b in enumerate(wobble)))
+    free = replay(bank, trace, "torch-1t")
+    assert free.summary("blockscale").switches == free.summary("model_level").switches == 7
+    some = replay(
+        bank, trace, "torch-1t", RuntimeConfig(0, switch_cost=SwitchCost(hysteresis=0.03))
+    )
+    assert some.summary("blockscale").switches == 1
+    assert some.summary("model_level").switches == 7
+    assert [s.blockscale.selection.choices for s in some.steps[1:]] == [(1, 0)] * 7
+    sticky = replay(
+        bank, trace, "torch-1t", RuntimeConfig(0, switch_cost=SwitchCost(hysteresis=0.1))
+    )
+    assert sticky.summary("blockscale").switches == sticky.summary("model_level").switches == 1
+    assert sticky.summary("model_level").bytes_loaded == _loads(bank, (1, 1), (0, 1))
+    again = ReplayResult.from_dict(json.loads(json.dumps(sticky.to_dict())))
+    assert again.config == sticky.config

@@ -15,8 +15,9 @@ from blockscale.errors import (
     ProfileError,
 )
 from blockscale.extract import extract
+from blockscale.multi import SwitchCost
 from blockscale.profile import BankProfile
-from blockscale.runtime import Runtime, RuntimeConfig, SwitchReport
+from blockscale.runtime import ModelSlot, MultiRuntime, Runtime, RuntimeConfig, SwitchReport
 from blockscale.targets import Target
 from blockscale.types import Budget, DeriveConfig, Profile
 
@@ -223,3 +224,111 @@ def test_calls_during_switches_run_on_one_model(bank, x, references, target, des
     assert len(seen) > 1  # the callers did run across switches
     mixes = [c for c in references if c not in live]
     assert all((references[m] - references[c]).abs().max() > 1e-3 for m in mixes for c in live)
+
+
+# -- switching-aware budgets -------------------------------------------------------------------
+
+
+def test_hysteresis_keeps_a_live_selection_that_still_fits(bank):
+    sticky = RuntimeConfig(cache_bytes=2**30, switch_cost=SwitchCost(hysteresis=0.05))
+    eager = RuntimeConfig(cache_bytes=2**30, switch_cost=SwitchCost())
+    for config, back in [(sticky, (1, 0)), (eager, (0, 0))]:
+        runtime = Runtime(bank, "torch-1t", config)
+        assert runtime.set_budget(Budget(latency_ms=6.0)).selection.choices == (1, 0)  # must move
+        report = runtime.set_budget(Budget(latency_ms=7.0))  # the teacher fits again: +0.02
+        assert report.selection.choices == back
+        assert report.selection == bank.estimate(back, "torch-1t")
+
+
+def test_switch_charges_count_only_what_would_be_loaded(bank):
+    """From (2, 2), a budget of 5 ms is best met by (1, 1) (two loads unless cached), or by (2, 0)
+    at 0.01 less (its one change is to a resident teacher block). A high price per MiB picks
+    (1, 1) when the cache holds it and (2, 0) when it must be read again."""
+    cost = SwitchCost(per_mb=1000.0)
+    for cache, expected in [(2**30, (1, 1)), (0, (2, 0))]:
+        runtime = Runtime(bank, "torch-1t", RuntimeConfig(cache_bytes=cache, switch_cost=cost))
+        runtime.set_selection((1, 1))
+        runtime.set_selection((2, 2))
+        report = runtime.set_budget(Budget(latency_ms=5.0))
+        assert report.selection.choices == expected
+        assert report.bytes_loaded == 0
+    plain = Runtime(bank, "torch-1t", RuntimeConfig(cache_bytes=0))
+    plain.set_selection((2, 2))
+    assert plain.set_budget(Budget(latency_ms=5.0)).selection.choices == (1, 1)
+
+
+def test_switch_cost_round_trips_in_the_config():
+    config = RuntimeConfig(cache_bytes=5, switch_cost=SwitchCost(0.01, 0.002, 0.003))
+    assert RuntimeConfig.from_dict(config.to_dict()) == config
+    assert RuntimeConfig.from_dict(RuntimeConfig().to_dict()) == RuntimeConfig()
+
+
+# -- several models ----------------------------------------------------------------------------
+
+
+def _joint_best(bank, budget, priorities):
+    """The best (choices_a, choices_b) by brute force over every pair of selections."""
+    options = [bank.estimate(c, "torch-1t") for c in itertools.product(range(3), repeat=2)]
+    fits = [
+        (a, b)
+        for a in options
+        for b in options
+        if budget.latency_ms is None or a.latency_ms + b.latency_ms <= budget.latency_ms
+    ]
+    return max(fits, key=lambda p: priorities[0] * p[0].accuracy + priorities[1] * p[1].accuracy)
+
+
+@pytest.mark.parametrize("priorities", [(1.0, 1.0), (1.0, 3.0), (3.0, 1.0)])
+def test_multi_runtime_splits_one_budget_as_brute_force_does(bank, x, references, priorities):
+    slots = [
+        ModelSlot(bank, "torch-1t", priority=p, name=n)
+        for p, n in zip(priorities, "ab", strict=True)
+    ]
+    multi = MultiRuntime(slots, BIG)
+    assert multi.names == ("a", "b")
+    assert all(s.choices == (0, 0) for s in multi.selections.values())
+    for latency in (14.0, 12.0, 11.0, 9.0, 7.0, 6.0):
+        budget = Budget(latency_ms=latency)
+        report = multi.set_budget(budget)
+        best = _joint_best(bank, budget, priorities)
+        objective = sum(
+            p * multi.selections[n].accuracy for p, n in zip(priorities, "ab", strict=True)
+        )
+        assert objective == pytest.approx(
+            sum(p * s.accuracy for p, s in zip(priorities, best, strict=True)), abs=1e-12
+        )
+        assert sum(s.latency_ms for s in multi.selections.values()) <= latency
+        assert multi.budget == budget and set(report.reports) == {"a", "b"}
+        assert report.bytes_loaded == sum(r.bytes_loaded for r in report.reports.values())
+        for name in "ab":
+            choices = multi.selections[name].choices
+            torch.testing.assert_close(multi(name, x), references[choices], rtol=0, atol=0)
+    assert tuple(report.to_dict()["models"]["a"]["selection"]["choices"]) == (
+        multi.selections["a"].choices
+    )
+
+
+def test_multi_runtime_hysteresis_limits_and_errors(bank):
+    slots = [ModelSlot(bank, "torch-1t", name="a"), ModelSlot(bank, "torch-1t", name="b")]
+    sticky = MultiRuntime(slots, BIG, budget=Budget(latency_ms=11.0), hysteresis=0.1)
+    before = sticky.selections
+    assert sum(s.latency_ms for s in before.values()) <= 11.0
+    report = sticky.set_budget(Budget(latency_ms=14.0))  # everything fits, the gain is small
+    assert sticky.selections == before and not any(report.changed.values())
+    eager = MultiRuntime(slots, BIG, budget=Budget(latency_ms=11.0))
+    eager.set_budget(Budget(latency_ms=14.0))
+    assert all(s.choices == (0, 0) for s in eager.selections.values())
+    with pytest.raises(InfeasibleBudgetError) as caught:
+        eager.set_budget(Budget(latency_ms=5.0))
+    assert caught.value.min_latency_ms == pytest.approx(6.0)
+    assert eager.budget == Budget(latency_ms=14.0)
+    limited = [ModelSlot(bank, "torch-1t", name="a", min_accuracy=0.9), slots[1]]
+    fair = MultiRuntime(limited, BIG, budget=Budget(latency_ms=11.0))
+    assert fair.selections["a"].choices == (0, 0)
+    assert fair.selections["b"].latency_ms <= 4.0
+    with pytest.raises(ConfigError, match="names must differ"):
+        MultiRuntime([slots[0], slots[0]])
+    with pytest.raises(ConfigError, match="no model named 'c'"):
+        fair["c"]
+    with pytest.raises(ConfigError, match="at least one"):
+        MultiRuntime([])

@@ -11,8 +11,16 @@ from .derive import Descendant, derive
 from .errors import BlockscaleError
 from .extract import Decomposition, compose, extract
 from .models import create_model, list_models, load_checkpoint, save_checkpoint
+from .multi import SwitchCost
 from .pipeline import BuildConfig, build
-from .runtime import Runtime, RuntimeConfig, SwitchReport
+from .runtime import (
+    ModelSlot,
+    MultiRuntime,
+    MultiSwitchReport,
+    Runtime,
+    RuntimeConfig,
+    SwitchReport,
+)
 from .train import TrainConfig, evaluate, train
 from .types import BlockInfo, BlockPlan, Budget, DeriveConfig, DescendantInfo, Profile, Selection
 
@@ -27,10 +35,14 @@ __all__ = [
     "DeriveConfig",
     "Descendant",
     "DescendantInfo",
+    "ModelSlot",
+    "MultiRuntime",
+    "MultiSwitchReport",
     "Profile",
     "Runtime",
     "RuntimeConfig",
     "Selection",
+    "SwitchCost",
     "SwitchReport",
     "TrainConfig",
     "__version__",

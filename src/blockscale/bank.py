@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors
 import torch
 from safetensors.torch import load as load_safetensors
@@ -93,6 +94,7 @@ class Bank:
             for family in manifest["descendants"]
         ]
         self._selectors: dict[str, Selector] = {}
+        self._tables: dict[str, CostTable] = {}
         self.files = {
             _checked_name(name): FileRecord(str(rec["sha256"]), int(rec["bytes"]))
             for name, rec in manifest["files"].items()
@@ -123,15 +125,26 @@ class Bank:
 
     def cost_table(self, target: str | None = None) -> CostTable:
         """Every descendant's cost (its accuracy drop, combined as the bank's profile says), latency
-        on ``target``, weights and activations, for selection."""
+        on ``target``, weights and activations, for selection; built once per target and kept."""
+        name = self.target(target)
+        if name not in self._tables:
+            profile = self.profile
+            costs = [
+                [dataclasses.replace(p, accuracy_drop=profile.cost(p.accuracy_drop)) for p in fam]
+                for fam in profile.descendants
+            ]
+            self._tables[name] = CostTable.from_profiles(
+                costs, profile.frame, profile.teacher_accuracy, name
+            )
+        return self._tables[name]
+
+    def accuracy_of(self, summed: np.ndarray) -> np.ndarray:
+        """The estimated accuracies of selections whose :meth:`cost_table` costs add up to
+        ``summed``, through the bank's combination and fitted correction (non-increasing), as
+        :meth:`estimate` and :meth:`select` report them."""
         profile = self.profile
-        costs = [
-            [dataclasses.replace(p, accuracy_drop=profile.cost(p.accuracy_drop)) for p in family]
-            for family in profile.descendants
-        ]
-        return CostTable.from_profiles(
-            costs, profile.frame, profile.teacher_accuracy, self.target(target)
-        )
+        values = np.asarray(summed, dtype=np.float64)
+        return np.array([profile.accuracy(float(s)) for s in values.ravel()]).reshape(values.shape)
 
     def _corrected(self, selection: Selection) -> Selection:
         """``selection`` with its accuracy mapped from summed costs (log-odds or points) through
@@ -287,6 +300,7 @@ class Bank:
         _write_manifest(self.path, manifest)
         self.manifest = manifest
         self._selectors.clear()  # profiles may have changed
+        self._tables.clear()
 
     # -- reading -----------------------------------------------------------------------------
 

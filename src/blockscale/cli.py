@@ -998,17 +998,39 @@ def replay_cmd(
             "(0: none, as the model level keeps none).",
         ),
     ] = 0.0,
+    per_mb: Annotated[
+        float,
+        typer.Option(
+            "--per-mb",
+            help="Switching cost: accuracy (a fraction, e.g. 0.002) given up per MiB a switch "
+            "loads; applied to both methods alike.",
+        ),
+    ] = 0.0,
+    per_block: Annotated[
+        float, typer.Option("--per-block", help="Switching cost: accuracy per changed block.")
+    ] = 0.0,
+    hysteresis: Annotated[
+        float,
+        typer.Option(
+            help="Keep the live model while it fits unless a move gains more accuracy than this."
+        ),
+    ] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay a resource trace: switch blocks as the budget changes, against model-level scaling
     (one whole model per sparsity level, reloaded on every switch), both run for real."""
     from .bank import Bank
+    from .multi import SwitchCost
     from .replay import METHODS, plot_replay, replay
     from .runtime import RuntimeConfig
     from .traces import read_trace
 
     def run() -> dict[str, Any]:
-        config = RuntimeConfig(cache_bytes=round(cache_mb * 2**20))
+        cost = SwitchCost(per_block=per_block, per_mb=per_mb, hysteresis=hysteresis)
+        config = RuntimeConfig(
+            cache_bytes=round(cache_mb * 2**20),
+            switch_cost=None if cost == SwitchCost() else cost,
+        )
         budgets = read_trace(trace)
         result = replay(Bank.open(bank), budgets, target, config)
         out.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -199,6 +199,13 @@ class Member:
     ``priority`` multiplies the model's estimated accuracy in the objective (>= 0);
     ``min_accuracy`` and ``max_latency_ms`` bound this model's selection alone, on top of the
     shared budget. ``name`` only labels errors.
+
+    ``accuracy_of`` maps an array of summed table costs (``teacher_accuracy`` minus the table's
+    accuracy) to the model's estimated accuracies, for banks whose costs are not points of accuracy
+    (log-odds, a fitted correction: see ``Bank.accuracy_of``). It must be non-increasing. The
+    objective and ``min_accuracy`` then use those accuracies; the joint search stays exact, as it
+    chooses among each bank's Pareto points, but ``method="milp"``, which adds costs over blocks,
+    refuses such a member. None: the table's own accuracy (teacher minus summed cost).
     """
 
     table: CostTable
@@ -206,6 +213,7 @@ class Member:
     min_accuracy: float | None = None
     max_latency_ms: float | None = None
     name: str | None = None
+    accuracy_of: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.table, CostTable):
@@ -260,10 +268,17 @@ class JointSelector:
 
     def _candidates(self, index: int, member: Member) -> _Points:
         """The member's Pareto points within its own limits, or the error saying which limit fails."""
-        selector = _selector(member.table)
-        choices, drop = selector._choices, selector._drop
-        latency, memory = selector._latency, selector._memory
-        accuracy = member.table.teacher_accuracy - drop
+        choices, drop, latency, memory = _selector(member.table).points
+        if member.accuracy_of is None:
+            loss, accuracy = drop, member.table.teacher_accuracy - drop
+        else:
+            accuracy = np.asarray(member.accuracy_of(drop), dtype=np.float64)
+            if accuracy.shape != drop.shape or not np.isfinite(accuracy).all():
+                raise ConfigError(
+                    f"{_label(index, member)}: accuracy_of must map {len(drop)} summed costs to "
+                    f"as many finite accuracies, got shape {accuracy.shape}"
+                )
+            loss = member.table.teacher_accuracy - accuracy
         accurate = np.ones(len(drop), dtype=bool)
         if member.min_accuracy is not None:
             accurate = accuracy >= member.min_accuracy
@@ -273,7 +288,7 @@ class JointSelector:
         keep = np.flatnonzero(accurate & fast)
         if not len(keep):
             raise _member_error(index, member, accuracy, latency, memory, accurate, fast)
-        cost = member.priority * drop[keep]
+        cost = member.priority * loss[keep]
         return _Points(
             choices[keep],
             cost,
@@ -334,6 +349,13 @@ def select_joint(
     members = tuple(members)
     if not members:
         raise ConfigError("a joint selection needs at least one member")
+    mapped = [_label(i, m) for i, m in enumerate(members) if m.accuracy_of is not None]
+    if mapped:
+        raise ConfigError(
+            f"method='milp' adds costs over blocks, but {', '.join(mapped)} maps them through "
+            "accuracy_of",
+            hint="use method='search', which is exact for such members too",
+        )
     parts = []
     for m in members:
         lat_cap = math.inf if m.max_latency_ms is None else _floor_ms(m.max_latency_ms)

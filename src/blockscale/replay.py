@@ -15,6 +15,10 @@ Definitions, the same on both sides:
   switch to level k > 0 reads the n files of level k, and one to the teacher reads none.
 * Caches: the model level keeps none (a switch reloads the whole model); block-grained switching
   uses ``config``, which by default keeps none either, so the comparison is of granularity alone.
+* Switching costs: ``config.switch_cost`` (see :class:`~blockscale.multi.SwitchCost`) applies to
+  both sides alike. The runtime trades accuracy against the blocks and MiB a move loads; the
+  model level scores each variant that fits as its accuracy less the same charge for the blocks
+  it changes and the MiB it reads, and keeps its live variant within the same hysteresis.
 * Switch seconds: the wall time a method spends on a step, deciding included: ``set_budget``
   (select, load, build, publish) against choosing the variant and, when it changes,
   ``set_selection`` (load every changed block, build). The median is over the steps that switched.
@@ -39,6 +43,7 @@ from matplotlib.figure import Figure
 
 from .bank import Bank, json_safe
 from .errors import InfeasibleBudgetError, ProfileError
+from .multi import SwitchCost
 from .runtime import Runtime, RuntimeConfig
 from .traces import Trace
 from .types import Budget, Selection
@@ -213,7 +218,7 @@ class ReplayResult:
             bank=str(data["bank"]),
             model=str(data["model"]),
             target=str(data["target"]),
-            config=RuntimeConfig(**data["config"]),
+            config=RuntimeConfig.from_dict(data["config"]),
             steps=tuple(ReplayStep.from_dict(s) for s in data["steps"]),
         )
 
@@ -279,12 +284,13 @@ def replay(
     by_model = Runtime(bank, name, RuntimeConfig(cache_bytes=0, design=config.design))
     for runtime in (by_block, by_model):
         runtime.set_selection(teacher)
+    cost = config.switch_cost or SwitchCost()
     steps = tuple(
         ReplayStep(
             time_s=step.time_s,
             budget=budget,
             blockscale=_follow(by_block, budget),
-            model_level=_follow_variants(by_model, variants, budget),
+            model_level=_follow_variants(by_model, variants, budget, cost),
         )
         for step, budget in zip(trace.steps, budgets, strict=True)
     )
@@ -302,17 +308,33 @@ def _follow(runtime: Runtime, budget: Budget) -> Response:
     return Response(True, report.selection, report.changed, report.bytes_loaded, seconds)
 
 
-def _follow_variants(runtime: Runtime, variants: Sequence[Selection], budget: Budget) -> Response:
-    """Model level: the runtime switches to the most accurate variant within ``budget``."""
+def _follow_variants(
+    runtime: Runtime, variants: Sequence[Selection], budget: Budget, cost: SwitchCost
+) -> Response:
+    """Model level: the runtime switches to the variant within ``budget`` that scores best, its
+    accuracy less ``cost``'s charge for the switch, or keeps its own within the hysteresis."""
     start = time.perf_counter()
-    chosen = next((v for v in variants if _fits(v, budget)), None)
-    if chosen is None:
+    live = runtime.selection
+    fitting = [v for v in variants if _fits(v, budget)]  # most accurate first
+    if not fitting:
         return Response(False, runtime.selection, (), 0, time.perf_counter() - start)
+    chosen = max(fitting, key=lambda v: v.accuracy - _charge(runtime, live, v, cost))
+    best = chosen.accuracy - _charge(runtime, live, chosen, cost)
+    if _fits(live, budget) and best - live.accuracy <= cost.hysteresis:
+        chosen = live
     if chosen.choices == runtime.selection.choices:
         return Response(True, chosen, (), 0, time.perf_counter() - start)
     report = runtime.set_selection(chosen.choices)
     seconds = time.perf_counter() - start
     return Response(True, report.selection, report.changed, report.bytes_loaded, seconds)
+
+
+def _charge(runtime: Runtime, live: Selection, variant: Selection, cost: SwitchCost) -> float:
+    """What moving from ``live`` to ``variant`` costs under ``cost``, in accuracy: per changed
+    block, and per MiB of the changed blocks that are not the resident teacher's."""
+    changed = [(b, d) for b, d in enumerate(variant.choices) if live.choices[b] != d]
+    loads = sum(runtime.bank.file_bytes(b, d) for b, d in changed if not runtime.holds((b, d)))
+    return cost.per_block * len(changed) + cost.per_mb * loads / 2**20
 
 
 # -- plot ------------------------------------------------------------------------------------------

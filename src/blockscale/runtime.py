@@ -35,6 +35,7 @@ from .bank import Bank
 from .errors import BankError, ConfigError, InputShapeError
 from .export import export_frame, export_onnx
 from .extract import Decomposition, compose
+from .multi import JointSelector, Member, SwitchCost, select_switching
 from .ort import DEFAULT_DESIGN, Design, compose_session
 from .targets import Target
 from .types import Budget, Selection
@@ -53,11 +54,17 @@ class RuntimeConfig:
     :mod:`blockscale.ort`; ``merged`` runs fastest). Every switch builds a new session rather than
     swapping one in place under its callers, so ``chained`` gives up its cheaper swap here and runs
     one call at a time (its buffers are shared). ``history`` is how many switch reports are kept.
+
+    ``switch_cost`` makes :meth:`Runtime.set_budget` switching-aware (see
+    :class:`~blockscale.multi.SwitchCost`): a move is charged per changed block and per MiB it
+    would load (what the cache or the resident teacher blocks hold loads nothing), and the live
+    selection is kept within the hysteresis margin. None: always the most accurate selection.
     """
 
     cache_bytes: int = 64 * 2**20
     design: Design = DEFAULT_DESIGN
     history: int = 1000
+    switch_cost: SwitchCost | None = None
 
     def __post_init__(self) -> None:
         if self.cache_bytes < 0:
@@ -71,6 +78,16 @@ class RuntimeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeConfig:
+        cost = data.get("switch_cost")
+        return cls(
+            cache_bytes=int(data["cache_bytes"]),
+            design=data["design"],
+            history=int(data["history"]),
+            switch_cost=None if cost is None else SwitchCost(**cost),
+        )
 
 
 @dataclass(frozen=True)
@@ -204,6 +221,17 @@ class _Cache:
     def keys(self) -> tuple[Key, ...]:
         return tuple(self._entries)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+
+def _cost_per_accuracy(bank: Bank, summed: float, step: float = 1e-4) -> float:
+    """How much summed cost one unit of estimated accuracy is worth near ``summed``: the inverse
+    slope of :meth:`Bank.accuracy_of` there (1 where the accuracy is flat, e.g. clipped at 0)."""
+    high, low = bank.accuracy_of(np.array([summed, summed + step]))
+    slope = (high - low) / step
+    return 1.0 / slope if slope > 0 else 1.0
+
 
 class Runtime:
     """A bank's selection running live on ``target``, switched by :meth:`set_budget` or
@@ -275,11 +303,37 @@ class Runtime:
     # -- switching -----------------------------------------------------------------------------
 
     def set_budget(self, budget: Budget) -> SwitchReport:
-        """Switch to the most accurate selection within ``budget``; an infeasible budget raises
+        """Switch to the most accurate selection within ``budget`` (with ``config.switch_cost``,
+        the best trade of accuracy against what the switch costs); an infeasible budget raises
         :class:`~blockscale.errors.InfeasibleBudgetError` and leaves the live model as it is."""
         with self._lock:
             start = time.perf_counter()
-            return self._switch(start, self.bank.select(budget, self.target.name), budget)
+            return self._switch(start, self._choose(budget), budget)
+
+    def _choose(self, budget: Budget) -> Selection:
+        """The selection ``budget`` calls for, given the live one (lock held)."""
+        cost = self.config.switch_cost
+        assert self._live is not None
+        if cost is None:
+            return self.bank.select(budget, self.target.name)
+        table = self.bank.cost_table(self.target.name)
+        live = self._live.selection.choices
+        # the charges are in accuracy; the table's costs may be log-odds or corrected: convert at
+        # the live selection's accuracy (exact for a bank whose costs are points)
+        scale = _cost_per_accuracy(
+            self.bank, table.teacher_accuracy - table.estimate(live).accuracy
+        )
+        charged = SwitchCost(cost.per_block * scale, cost.per_mb * scale, cost.hysteresis * scale)
+        loads = [
+            [0 if self.holds((b, d)) else self.bank.file_bytes(b, d) for d in range(len(family))]
+            for b, family in enumerate(self.bank.descendants)
+        ]
+        picked = select_switching(table, budget, live, charged, loads)
+        return self.bank.estimate(picked.choices, self.target.name)
+
+    def holds(self, key: Key) -> bool:
+        """Whether switching to ``key`` would load nothing (resident or cached)."""
+        return key in self._teacher or key in self._cache
 
     def set_selection(self, choices: Sequence[int]) -> SwitchReport:
         """Switch to descendant ``choices[b]`` in each block ``b`` (no budget)."""
@@ -362,3 +416,170 @@ class Runtime:
         (the resident teacher blocks are not among them)."""
         with self._lock:
             return self._cache.keys()
+
+
+# -- several models on one device -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    """One model of a :class:`MultiRuntime`: its bank and target, its weight in the objective and
+    its own limits (see :class:`~blockscale.multi.Member`). ``name`` defaults to the bank's folder
+    name."""
+
+    bank: Bank
+    target: str | None = None
+    priority: float = 1.0
+    min_accuracy: float | None = None
+    max_latency_ms: float | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class MultiSwitchReport:
+    """What one joint switch did: each model's :class:`SwitchReport` by name (its own switch,
+    possibly of no block), the shared budget, and the wall time of the whole switch."""
+
+    budget: Budget
+    reports: dict[str, SwitchReport]
+    seconds: float
+
+    @property
+    def bytes_loaded(self) -> int:
+        return sum(r.bytes_loaded for r in self.reports.values())
+
+    @property
+    def changed(self) -> dict[str, tuple[int, ...]]:
+        return {name: r.changed for name, r in self.reports.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget.to_dict(),
+            "models": {name: r.to_dict() for name, r in self.reports.items()},
+            "bytes_loaded": self.bytes_loaded,
+            "seconds": self.seconds,
+        }
+
+
+class MultiRuntime:
+    """Several models sharing one device: one budget for their latencies (one frame of each, added
+    up) and their memories (added up), split by an exact joint selection that maximises the
+    priority-weighted sum of their estimated accuracies (:class:`~blockscale.multi.JointSelector`,
+    on each bank's corrected accuracies).
+
+    Each model runs in its own :class:`Runtime` (``multi[name](x)``), switched to its share at
+    every :meth:`set_budget`; each model's switch is atomic for its callers, and a joint switch
+    applies the models' switches one after another. ``hysteresis`` (in accuracy, summed with the
+    priorities) keeps the live selections while they fit and a move would gain at most that much.
+    ``config`` is every model's runtime configuration; its ``switch_cost`` is not used here.
+    """
+
+    def __init__(
+        self,
+        slots: Sequence[ModelSlot],
+        config: RuntimeConfig | None = None,
+        *,
+        budget: Budget | None = None,
+        hysteresis: float = 0.0,
+    ) -> None:
+        if not slots:
+            raise ConfigError("a MultiRuntime needs at least one model")
+        if not (hysteresis >= 0 and np.isfinite(hysteresis)):
+            raise ConfigError(f"hysteresis must be finite and >= 0, got {hysteresis}")
+        names = [slot.name or slot.bank.path.name for slot in slots]
+        if len(set(names)) != len(names):
+            raise ConfigError(
+                f"the models' names must differ, got {names}",
+                hint="give each ModelSlot its own name=",
+            )
+        self.names = tuple(names)
+        self.hysteresis = hysteresis
+        self._slots = dict(zip(names, slots, strict=True))
+        self._targets = {n: s.bank.target(s.target) for n, s in self._slots.items()}
+        self._selector = JointSelector(
+            [
+                Member(
+                    s.bank.cost_table(self._targets[n]),
+                    priority=s.priority,
+                    min_accuracy=s.min_accuracy,
+                    max_latency_ms=s.max_latency_ms,
+                    name=n,
+                    accuracy_of=s.bank.accuracy_of,
+                )
+                for n, s in self._slots.items()
+            ]
+        )
+        self._lock = threading.Lock()
+        self._budget = budget or Budget()
+        first = self._joint(self._budget)  # an infeasible budget fails before anything loads
+        self._runtimes = {
+            n: Runtime(s.bank, self._targets[n], config, budget=None)
+            for n, s in self._slots.items()
+        }
+        for n, choices in first.items():
+            self._runtimes[n].set_selection(choices)
+
+    def __getitem__(self, name: str) -> Runtime:
+        """The runtime of model ``name``."""
+        if name not in self._runtimes:
+            raise ConfigError(
+                f"no model named {name!r}", hint=f"the models: {', '.join(self.names)}"
+            )
+        return self._runtimes[name]
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Model ``name``'s output for ``x``."""
+        return self[name](x)
+
+    @property
+    def selections(self) -> dict[str, Selection]:
+        """Each model's live selection."""
+        return {n: r.selection for n, r in self._runtimes.items()}
+
+    @property
+    def budget(self) -> Budget:
+        """The shared budget the live selections answer."""
+        return self._budget
+
+    def set_budget(self, budget: Budget) -> MultiSwitchReport:
+        """Switch every model to its share of the best joint selection within ``budget``; an
+        infeasible budget raises :class:`~blockscale.errors.InfeasibleBudgetError` and changes
+        nothing."""
+        with self._lock:
+            start = time.perf_counter()
+            picks = self._joint(budget)
+            live = self.selections
+            if self._keep(live, picks, budget):
+                picks = {n: s.choices for n, s in live.items()}
+            reports = {n: self._runtimes[n].set_selection(c) for n, c in picks.items()}
+            self._budget = budget
+            return MultiSwitchReport(budget, reports, time.perf_counter() - start)
+
+    def _joint(self, budget: Budget) -> dict[str, tuple[int, ...]]:
+        chosen = self._selector.select(budget)
+        return dict(zip(self.names, (s.choices for s in chosen), strict=True))
+
+    def _keep(
+        self, live: dict[str, Selection], picks: dict[str, tuple[int, ...]], budget: Budget
+    ) -> bool:
+        """Whether the live selections still fit ``budget`` (and each model's own limits) and the
+        move gains at most the hysteresis margin."""
+        if all(live[n].choices == picks[n] for n in self.names):
+            return True
+        latency = sum(s.latency_ms for s in live.values())
+        memory = sum(s.memory_mb for s in live.values())
+        if (budget.latency_ms is not None and latency > budget.latency_ms) or (
+            budget.memory_mb is not None and memory > budget.memory_mb
+        ):
+            return False
+        for n, slot in self._slots.items():
+            s = live[n]
+            if (slot.min_accuracy is not None and s.accuracy < slot.min_accuracy) or (
+                slot.max_latency_ms is not None and s.latency_ms > slot.max_latency_ms
+            ):
+                return False
+        new = {n: slot.bank.estimate(picks[n], self._targets[n]) for n, slot in self._slots.items()}
+        gain = sum(
+            slot.priority * (new[n].accuracy - live[n].accuracy) for n, slot in self._slots.items()
+        )
+        return gain <= self.hysteresis

@@ -344,6 +344,15 @@ def frontier(table: CostTable, memory_mb: float | None = None) -> list[Selection
     return [table.estimate(c) for c in _trace(links, table.sizes)]
 
 
+class ParetoPoints(NamedTuple):
+    """Selections as arrays: choices (points x blocks), summed drop, latency (ms), memory (bytes)."""
+
+    choices: np.ndarray
+    drop: np.ndarray
+    latency_ms: np.ndarray
+    memory_bytes: np.ndarray
+
+
 class Selector:
     """A bank's Pareto set in accuracy, latency and memory, computed once for fast re-selection.
 
@@ -370,6 +379,11 @@ class Selector:
     def __len__(self) -> int:
         """How many selections the Pareto set holds."""
         return len(self._drop)
+
+    @property
+    def points(self) -> ParetoPoints:
+        """The Pareto set itself, in order of summed drop, then latency, then memory."""
+        return ParetoPoints(self._choices, self._drop, self._latency, self._memory)
 
     def select(self, budget: Budget) -> Selection:
         """The most accurate selection within ``budget``; always the same as ``solve``'s."""
