@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -471,6 +472,35 @@ def test_trace_then_replay(tiny_bank, tmp_path):
     assert stored["config"]["switch_cost"] == {"per_block": 0.0, "per_mb": 0.0, "hysteresis": 1.0}
     bad = invoke("replay", tiny_bank, "-t", trace, "-o", tmp_path / "bad", "--per-mb", -1)
     assert bad.exit_code != 0 and "per_mb must be finite and >= 0" in " ".join(bad.output.split())
+
+
+def test_trace_then_replay_of_two_banks_sharing_the_budget(tiny_bank, tmp_path):
+    from blockscale.replay import budget_range
+
+    other = tmp_path / "cam"
+    shutil.copytree(tiny_bank, other)
+    trace = tmp_path / "shared.json"
+    made = invoke(
+        "trace", "--kind", "steps", "--bank", tiny_bank, "--bank", other, "--steps", 8,
+        "--out", trace, "--json",
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    _, high = budget_range(Bank.open(tiny_bank))
+    assert json.loads(made.stdout)["high"]["latency_ms"] == pytest.approx(2 * high.latency_ms)
+    out = tmp_path / "joint"
+    result = invoke(
+        "replay", tiny_bank, other, "-t", trace, "-o", out, "--priority", "1,2", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "replay.json").read_text())
+    assert record["priorities"] == {"bank": 1.0, "cam": 2.0}
+    assert len(record["steps"]) == 8 and set(record["steps"][0]["blockscale"]) == {"bank", "cam"}
+    assert json.loads(result.stdout)["summary"] == record["summary"]
+    assert (out / "replay.png").stat().st_size > 10_000
+    wrong = invoke("replay", tiny_bank, other, "-t", trace, "-o", out, "--priority", "1")
+    assert wrong.exit_code != 0 and "one weight per bank" in wrong.output
+    priced = invoke("replay", tiny_bank, other, "-t", trace, "-o", out, "--per-mb", "0.1")
+    assert priced.exit_code != 0 and "--hysteresis only" in " ".join(priced.output.split())
 
 
 def test_trace_with_explicit_spans(tmp_path):

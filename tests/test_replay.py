@@ -11,8 +11,15 @@ from blockscale.errors import TraceError
 from blockscale.extract import extract
 from blockscale.multi import SwitchCost
 from blockscale.profile import BankProfile
-from blockscale.replay import ReplayResult, budget_range, plot_replay, replay
-from blockscale.runtime import RuntimeConfig
+from blockscale.replay import (
+    JointReplayResult,
+    ReplayResult,
+    budget_range,
+    plot_replay,
+    replay,
+    replay_joint,
+)
+from blockscale.runtime import ModelSlot, RuntimeConfig
 from blockscale.targets import Target
 from blockscale.traces import Trace, TraceStep
 from blockscale.types import Budget, DeriveConfig, Profile
@@ -218,3 +225,58 @@ def test_a_switch_cost_applies_to_both_methods_alike(bank):
     assert sticky.summary("model_level").bytes_loaded == _loads(bank, (1, 1), (0, 1))
     again = ReplayResult.from_dict(json.loads(json.dumps(sticky.to_dict())))
     assert again.config == sticky.config
+
+
+def test_a_joint_replay_splits_each_shared_budget_exactly(bank, tmp_path):
+    """Two models of the same bank, the second weighted twice; at every step each method's
+    choice is checked against brute force over its own options."""
+    slots = [ModelSlot(bank, "torch-1t", name="a"), ModelSlot(bank, "torch-1t", 2.0, name="b")]
+    budgets = [Budget(latency_ms=t) for t in (14.0, 12.0, 11.0, 9.0, 5.0, 8.0, 14.0)]
+    trace = Trace(tuple(TraceStep(float(i), b) for i, b in enumerate(budgets)))
+    result = replay_joint(slots, trace)
+    selections = [bank.estimate(c, "torch-1t") for c in itertools.product(range(3), repeat=2)]
+    uniform = [bank.estimate((k, k), "torch-1t") for k in range(3)]
+
+    def best(options, budget):
+        fits = [
+            (x, y) for x in options for y in options
+            if x.latency_ms + y.latency_ms <= budget.latency_ms
+        ]  # fmt: skip
+        return max((x.accuracy + 2 * y.accuracy for x, y in fits), default=None)
+
+    live = {"a": (0, 0), "b": (0, 0)}
+    for step in result.steps:
+        for method, options in (("blockscale", selections), ("model_level", uniform)):
+            responses = getattr(step, method)
+            expected = best(options, step.budget)
+            if expected is None:  # 5 ms: nothing fits two models; both keep what they had
+                assert not any(r.feasible for r in responses.values())
+                continue
+            got = responses["a"].selection.accuracy + 2 * responses["b"].selection.accuracy
+            assert got == pytest.approx(expected, abs=1e-12)
+            assert sum(r.selection.latency_ms for r in responses.values()) <= step.budget.latency_ms
+        for name, r in step.blockscale.items():
+            changed = tuple(b for b in range(2) if r.selection.choices[b] != live[name][b])
+            assert r.changed == changed
+            assert r.bytes_loaded == _loads(bank, r.selection.choices, changed)
+            live[name] = r.selection.choices
+    summary = result.summary("blockscale")
+    assert summary.steps == 7 and summary.infeasible_steps == 1
+    assert summary.bytes_loaded == sum(
+        r.bytes_loaded for s in result.steps for r in s.blockscale.values()
+    )
+    met = [s for s in result.steps if s.blockscale["a"].feasible]
+    assert summary.mean_accuracy == pytest.approx(
+        sum((s.blockscale["a"].selection.accuracy + 2 * s.blockscale["b"].selection.accuracy) / 3
+            for s in met) / len(met)
+    )  # fmt: skip
+    combined = result.combined()
+    assert combined.model == "a + b" and combined.steps[0].blockscale.selection.choices == (
+        *result.steps[0].blockscale["a"].selection.choices,
+        *result.steps[0].blockscale["b"].selection.choices,
+    )
+    assert plot_replay(combined, tmp_path / "joint.png").stat().st_size > 10_000
+    again = JointReplayResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again.to_dict() == result.to_dict()
+    with pytest.raises(TraceError, match="one shared budget per step"):
+        replay_joint(slots, Trace((TraceStep(0.0, {"a": Budget(), "b": Budget()}),)))

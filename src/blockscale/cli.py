@@ -979,7 +979,10 @@ def _export_bank(
 
 @app.command("replay")
 def replay_cmd(
-    bank: Annotated[Path, typer.Argument(help="Bank directory.")],
+    banks: Annotated[
+        list[Path],
+        typer.Argument(help="Bank directories; several share each step's budget (joint)."),
+    ],
     trace: Annotated[
         Path,
         typer.Option("--trace", "-t", help="Trace file (.csv or .json), e.g. from `trace`."),
@@ -988,7 +991,11 @@ def replay_cmd(
         Path, typer.Option("--out", "-o", help="Folder for replay.json and replay.png.")
     ],
     target: Annotated[
-        str | None, typer.Option(help="Target to run on (default: the bank's first).")
+        str | None, typer.Option(help="Target to run on (default: each bank's first).")
+    ] = None,
+    priority: Annotated[
+        str | None,
+        typer.Option(help="Several banks: their weights in the objective, e.g. 1,2 (default 1)."),
     ] = None,
     cache_mb: Annotated[
         float,
@@ -1018,29 +1025,47 @@ def replay_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Replay a resource trace: switch blocks as the budget changes, against model-level scaling
-    (one whole model per sparsity level, reloaded on every switch), both run for real."""
+    (one whole model per sparsity level, reloaded on every switch), both run for real. With
+    several banks, each step's budget is shared: the runtime selects jointly, the model level
+    takes the best combination of whole models."""
     from .bank import Bank
     from .multi import SwitchCost
-    from .replay import METHODS, plot_replay, replay
-    from .runtime import RuntimeConfig
+    from .replay import METHODS, plot_replay, replay, replay_joint
+    from .runtime import ModelSlot, RuntimeConfig
     from .traces import read_trace
+
+    weights = _floats(priority, "--priority") if priority is not None else [1.0] * len(banks)
+    if len(weights) != len(banks):
+        raise typer.BadParameter(f"--priority takes one weight per bank ({len(banks)})")
 
     def run() -> dict[str, Any]:
         cost = SwitchCost(per_block=per_block, per_mb=per_mb, hysteresis=hysteresis)
         config = RuntimeConfig(
             cache_bytes=round(cache_mb * 2**20),
-            switch_cost=None if cost == SwitchCost() else cost,
+            switch_cost=None if cost == SwitchCost() or len(banks) > 1 else cost,
         )
         budgets = read_trace(trace)
-        result = replay(Bank.open(bank), budgets, target, config)
+        opened = [Bank.open(b) for b in banks]
+        if len(opened) == 1:
+            result = replay(opened[0], budgets, target, config)
+            shown = result
+        else:
+            if per_block or per_mb:
+                raise ConfigError(
+                    "a joint replay takes --hysteresis only, not --per-mb or --per-block",
+                    hint="drop --per-mb/--per-block, or replay one bank",
+                )
+            slots = [ModelSlot(b, target, p) for b, p in zip(opened, weights, strict=True)]
+            result = replay_joint(slots, budgets, config, hysteresis=hysteresis)
+            shown = result.combined()
         out.mkdir(parents=True, exist_ok=True)
         data = result.to_dict()
         (out / "replay.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-        plot = plot_replay(result, out / "replay.png")
+        plot = plot_replay(shown, out / "replay.png")
         return {
-            "bank": str(bank),
+            "bank": ", ".join(map(str, banks)),
             "trace": str(trace),
-            "target": result.target,
+            "target": shown.target,
             "steps": len(result.steps),
             "json": str(out / "replay.json"),
             "plot": str(plot),
@@ -1119,8 +1144,11 @@ def trace_cmd(
         str, typer.Option(help="Generator: steps, random-walk, or phone (apps starting/stopping).")
     ] = "phone",
     bank: Annotated[
-        Path | None,
-        typer.Option(help="Span budgets over this bank's range: fastest and smallest to teacher."),
+        list[Path] | None,
+        typer.Option(
+            help="Span budgets over this bank's range: fastest and smallest to teacher. Repeat it "
+            "for a budget shared by several banks (their ranges add up)."
+        ),
     ] = None,
     target: Annotated[
         str | None, typer.Option(help="Target whose latencies span the range (with --bank).")
@@ -1146,16 +1174,16 @@ def trace_cmd(
     if kind not in GENERATORS:
         raise typer.BadParameter(f"--kind must be one of {', '.join(GENERATORS)}, got {kind!r}")
     latency, memory = _span(latency_ms, "--latency-ms"), _span(memory_mb, "--memory-mb")
-    if bank is None and latency is None and memory is None:
+    if not bank and latency is None and memory is None:
         raise typer.BadParameter("pass --bank, or a span with --latency-ms and/or --memory-mb")
 
     def run() -> dict[str, Any]:
-        if bank is None and target is not None:
+        if not bank and target is not None:
             raise ConfigError(
                 "--target picks whose latencies span a bank's range", hint="pass --bank with it"
             )
         low, high = (
-            budget_range(Bank.open(bank), target) if bank is not None else (Budget(), Budget())
+            budget_range([Bank.open(b) for b in bank], target) if bank else (Budget(), Budget())
         )
         if latency is not None:
             low, high = replace(low, latency_ms=latency[0]), replace(high, latency_ms=latency[1])

@@ -31,6 +31,7 @@ Definitions, the same on both sides:
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -42,9 +43,9 @@ from typing import Any, Literal
 from matplotlib.figure import Figure
 
 from .bank import Bank, json_safe
-from .errors import InfeasibleBudgetError, ProfileError
+from .errors import ConfigError, InfeasibleBudgetError, ProfileError, TraceError
 from .multi import SwitchCost
-from .runtime import Runtime, RuntimeConfig
+from .runtime import ModelSlot, MultiRuntime, Runtime, RuntimeConfig
 from .traces import Trace
 from .types import Budget, Selection
 
@@ -180,21 +181,7 @@ class ReplayResult:
         """Block-grained switching against the model level: ratios (blockscale / model level),
         over the trace and per switch, the percentage of bytes saved, and the mean accuracy gained
         in points."""
-        ours, theirs = self.summary("blockscale"), self.summary("model_level")
-        bytes_ratio = _ratio(ours.bytes_loaded, theirs.bytes_loaded)
-        return {
-            "bytes_ratio": bytes_ratio,
-            "bytes_fewer_percent": 100.0 * (1.0 - bytes_ratio),
-            "bytes_per_switch_ratio": _ratio(
-                _ratio(ours.bytes_loaded, ours.switches),
-                _ratio(theirs.bytes_loaded, theirs.switches),
-            ),
-            "switch_seconds_ratio": _ratio(ours.switch_seconds, theirs.switch_seconds),
-            "median_switch_seconds_ratio": _ratio(
-                ours.median_switch_seconds, theirs.median_switch_seconds
-            ),
-            "accuracy_gain_points": 100.0 * (ours.mean_accuracy - theirs.mean_accuracy),
-        }
+        return _compare(self.summary("blockscale"), self.summary("model_level"))
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(
@@ -223,13 +210,44 @@ class ReplayResult:
         )
 
 
+def _compare(ours: ReplaySummary, theirs: ReplaySummary) -> dict[str, float]:
+    """Ratios of ``ours`` to ``theirs`` (bytes, per switch, seconds), bytes saved in percent and
+    the mean accuracy gained in points."""
+    bytes_ratio = _ratio(ours.bytes_loaded, theirs.bytes_loaded)
+    return {
+        "bytes_ratio": bytes_ratio,
+        "bytes_fewer_percent": 100.0 * (1.0 - bytes_ratio),
+        "bytes_per_switch_ratio": _ratio(
+            _ratio(ours.bytes_loaded, ours.switches),
+            _ratio(theirs.bytes_loaded, theirs.switches),
+        ),
+        "switch_seconds_ratio": _ratio(ours.switch_seconds, theirs.switch_seconds),
+        "median_switch_seconds_ratio": _ratio(
+            ours.median_switch_seconds, theirs.median_switch_seconds
+        ),
+        "accuracy_gain_points": 100.0 * (ours.mean_accuracy - theirs.mean_accuracy),
+    }
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else math.nan
 
 
-def budget_range(bank: Bank, target: str | None = None) -> tuple[Budget, Budget]:
+def budget_range(bank: Bank | Sequence[Bank], target: str | None = None) -> tuple[Budget, Budget]:
     """The span of budgets worth tracing on ``target``: the least latency and the least memory any
-    selection needs (below either nothing fits), and the teacher's latency and memory."""
+    selection needs (below either nothing fits), and the teacher's latency and memory. For several
+    banks sharing a budget, their spans added up (each on ``target``, or its first target)."""
+    if not isinstance(bank, Bank):
+        spans = [budget_range(b, target) for b in bank]
+        if not spans:
+            raise ConfigError("budget_range needs at least one bank")
+        return tuple(  # type: ignore[return-value]
+            Budget(
+                latency_ms=sum(s[i].latency_ms for s in spans),
+                memory_mb=sum(s[i].memory_mb for s in spans),
+            )
+            for i in (0, 1)
+        )
     name = bank.target(target)
     teacher = bank.estimate(_uniform(bank, 0), name)
     try:
@@ -335,6 +353,237 @@ def _charge(runtime: Runtime, live: Selection, variant: Selection, cost: SwitchC
     changed = [(b, d) for b, d in enumerate(variant.choices) if live.choices[b] != d]
     loads = sum(runtime.bank.file_bytes(b, d) for b, d in changed if not runtime.holds((b, d)))
     return cost.per_block * len(changed) + cost.per_mb * loads / 2**20
+
+
+# -- several models sharing one budget -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JointStep:
+    """One step of a shared-budget trace: each method's response per model, by name."""
+
+    time_s: float
+    budget: Budget
+    blockscale: dict[str, Response]
+    model_level: dict[str, Response]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "time_s": self.time_s,
+            "budget": self.budget.to_dict(),
+            **{m: {n: r.to_dict() for n, r in getattr(self, m).items()} for m in METHODS},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JointStep:
+        return cls(
+            time_s=float(data["time_s"]),
+            budget=Budget(**data["budget"]),
+            **{m: {n: Response.from_dict(r) for n, r in data[m].items()} for m in METHODS},
+        )
+
+
+@dataclass(frozen=True)
+class JointReplayResult:
+    """Several banks replayed through one shared budget: ``priorities`` by model name, every step.
+
+    The summary of a method adds its models' switches (a step where any model changed counts
+    once), blocks, bytes and seconds; its mean accuracy is the priority-weighted mean of the
+    models' estimated accuracies, averaged over the steps both methods met.
+    """
+
+    banks: dict[str, str]
+    targets: dict[str, str]
+    priorities: dict[str, float]
+    config: RuntimeConfig
+    hysteresis: float
+    steps: tuple[JointStep, ...]
+
+    def combined(self) -> ReplayResult:
+        """The models taken together as one: per step and method, their choices side by side,
+        latencies, memories, changed blocks (numbered across the models), bytes and seconds
+        added up, and the priority-weighted mean of their accuracies. Its summary is this
+        replay's summary, and :func:`plot_replay` draws it."""
+        names = list(self.banks)
+        total = sum(self.priorities.values()) or 1.0
+        widths = [len(self.steps[0].blockscale[n].selection.choices) for n in names]
+        offsets = dict(zip(names, itertools.accumulate([0, *widths[:-1]]), strict=True))
+
+        def merge(responses: dict[str, Response]) -> Response:
+            rs = [responses[n] for n in names]
+            return Response(
+                feasible=all(r.feasible for r in rs),
+                selection=Selection(
+                    choices=tuple(c for r in rs for c in r.selection.choices),
+                    accuracy=sum(
+                        self.priorities[n] * responses[n].selection.accuracy for n in names
+                    )
+                    / total,
+                    latency_ms=sum(r.selection.latency_ms for r in rs),
+                    memory_mb=sum(r.selection.memory_mb for r in rs),
+                ),
+                changed=tuple(offsets[n] + b for n in names for b in responses[n].changed),
+                bytes_loaded=sum(r.bytes_loaded for r in rs),
+                seconds=sum(r.seconds for r in rs),
+            )
+
+        return ReplayResult(
+            bank=", ".join(self.banks.values()),
+            model=" + ".join(names),
+            target=", ".join(dict.fromkeys(self.targets.values())),
+            config=self.config,
+            steps=tuple(
+                ReplayStep(s.time_s, s.budget, merge(s.blockscale), merge(s.model_level))
+                for s in self.steps
+            ),
+        )
+
+    def summary(self, method: Method) -> ReplaySummary:
+        """``method``'s totals over the trace, all models together (see :meth:`combined`)."""
+        return self.combined().summary(method)
+
+    def comparison(self) -> dict[str, float]:
+        """As :meth:`ReplayResult.comparison`, over all the models together."""
+        return self.combined().comparison()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json_safe(
+            {
+                "banks": self.banks,
+                "targets": self.targets,
+                "priorities": self.priorities,
+                "config": self.config.to_dict(),
+                "hysteresis": self.hysteresis,
+                "summary": {
+                    **{m: self.summary(m).to_dict() for m in METHODS},
+                    "comparison": self.comparison(),
+                },
+                "steps": [s.to_dict() for s in self.steps],
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JointReplayResult:
+        return cls(
+            banks=dict(data["banks"]),
+            targets=dict(data["targets"]),
+            priorities={n: float(p) for n, p in data["priorities"].items()},
+            config=RuntimeConfig.from_dict(data["config"]),
+            hysteresis=float(data["hysteresis"]),
+            steps=tuple(JointStep.from_dict(s) for s in data["steps"]),
+        )
+
+
+def replay_joint(
+    slots: Sequence[ModelSlot],
+    trace: Trace,
+    config: RuntimeConfig | None = None,
+    *,
+    hysteresis: float = 0.0,
+) -> JointReplayResult:
+    """Run several models through a trace of shared budgets: a :class:`MultiRuntime` (exact joint
+    selection, swapping blocks) against the model level, where each step takes the combination of
+    whole-model variants (one per sparsity level and model) with the largest priority-weighted
+    accuracy whose latencies and memories add up within the budget, reloading a model that
+    changes; both with the same ``hysteresis``. The definitions are the module docstring's."""
+    if trace.models is not None:
+        raise TraceError(
+            "a joint replay takes one shared budget per step; this trace gives one per model",
+            hint="replay each bank on its own (blockscale replay BANK --trace ...), or write a "
+            "trace with one latency_ms/memory_mb per step",
+        )
+    config = config or RuntimeConfig(cache_bytes=0)
+    by_block = MultiRuntime(slots, config, hysteresis=hysteresis)
+    names = by_block.names
+    slot = dict(zip(names, slots, strict=True))
+    by_model = {
+        n: Runtime(s.bank, by_block[n].target.name, RuntimeConfig(0, config.design))
+        for n, s in slot.items()
+    }
+    options = {
+        n: [
+            s.bank.estimate(_uniform(s.bank, k), by_model[n].target.name)
+            for k in range(min(len(f) for f in s.bank.descendants))
+        ]
+        for n, s in slot.items()
+    }
+    combos = list(itertools.product(*(options[n] for n in names)))
+    priorities = {n: s.priority for n, s in slot.items()}
+    steps = []
+    for step in trace.steps:
+        budget = step.budget()
+        steps.append(
+            JointStep(
+                step.time_s,
+                budget,
+                _follow_joint(by_block, budget),
+                _follow_variant_combos(by_model, combos, priorities, budget, hysteresis),
+            )
+        )
+    return JointReplayResult(
+        banks={n: str(s.bank.path) for n, s in slot.items()},
+        targets={n: by_block[n].target.name for n in names},
+        priorities=priorities,
+        config=config,
+        hysteresis=hysteresis,
+        steps=tuple(steps),
+    )
+
+
+def _follow_joint(multi: MultiRuntime, budget: Budget) -> dict[str, Response]:
+    """Blocks: the multi-runtime switches every model to its share of the joint optimum."""
+    start = time.perf_counter()
+    try:
+        report = multi.set_budget(budget)
+    except InfeasibleBudgetError:
+        seconds = (time.perf_counter() - start) / len(multi.names)
+        return {n: Response(False, s, (), 0, seconds) for n, s in multi.selections.items()}
+    # the joint selection's share of the time, spread over the models like the model level's
+    deciding = (report.seconds - sum(r.seconds for r in report.reports.values())) / len(multi.names)
+    return {
+        n: Response(True, r.selection, r.changed, r.bytes_loaded, deciding + r.seconds)
+        for n, r in report.reports.items()
+    }
+
+
+def _follow_variant_combos(
+    runtimes: dict[str, Runtime],
+    combos: Sequence[tuple[Selection, ...]],
+    priorities: dict[str, float],
+    budget: Budget,
+    hysteresis: float,
+) -> dict[str, Response]:
+    """Model level: the best combination of whole-model variants within ``budget``."""
+    start = time.perf_counter()
+    names = list(runtimes)
+    live = tuple(runtimes[n].selection for n in names)
+
+    def value(combo: Sequence[Selection]) -> float:
+        return sum(priorities[n] * s.accuracy for n, s in zip(names, combo, strict=True))
+
+    fitting = [c for c in combos if _fits_all(c, budget)]
+    if not fitting:
+        seconds = (time.perf_counter() - start) / len(names)
+        return {n: Response(False, s, (), 0, seconds) for n, s in zip(names, live, strict=True)}
+    chosen = max(fitting, key=value)
+    if _fits_all(live, budget) and value(chosen) - value(live) <= hysteresis:
+        chosen = live
+    decided = (time.perf_counter() - start) / len(names)
+    out = {}
+    for n, s in zip(names, chosen, strict=True):
+        if s.choices == runtimes[n].selection.choices:
+            out[n] = Response(True, s, (), 0, decided)
+        else:
+            r = runtimes[n].set_selection(s.choices)
+            out[n] = Response(True, r.selection, r.changed, r.bytes_loaded, decided + r.seconds)
+    return out
+
+
+def _fits_all(combo: Sequence[Selection], budget: Budget) -> bool:
+    """Whether the selections' latencies and memories add up within ``budget``."""
+    return (
+        budget.latency_ms is None or sum(s.latency_ms for s in combo) <= budget.latency_ms
+    ) and (budget.memory_mb is None or sum(s.memory_mb for s in combo) <= budget.memory_mb)
 
 
 # -- plot ------------------------------------------------------------------------------------------
