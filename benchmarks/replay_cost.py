@@ -10,6 +10,11 @@ definitions of ``blockscale.replay``. Reported per trace and target: bytes loade
 ``--test-images`` Fashion-MNIST test images for every distinct selection), and the bytes again as
 if the teacher's blocks were not kept resident (on both sides).
 
+Each ``--policy`` (a :class:`blockscale.multi.SwitchCost`: a price per changed block and per MiB
+loaded, and a hysteresis margin) runs every trace again with that policy applied to both methods
+alike; every row is also compared with the model level of the 'free' policy (no switching cost,
+the paper's baseline, which switches to the best variant that fits at every step).
+
 Then, per target, switch time against a full reload of the same selection: ``--reloads`` random
 changes of 1 to 9 blocks, each timed as the runtime's switch from the live selection and as a switch
 of a second runtime to the same selection from one that shares no block with it (every block
@@ -38,6 +43,7 @@ from matplotlib.figure import Figure
 from blockscale import Bank, compose, evaluate, load_dataset
 from blockscale.bank import json_safe
 from blockscale.data import subset
+from blockscale.multi import SwitchCost
 from blockscale.replay import METHODS, ReplayResult, budget_range, plot_replay, replay
 from blockscale.runtime import Runtime, RuntimeConfig
 from blockscale.targets import machine
@@ -57,6 +63,13 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=2000, help="0: estimates only")
     parser.add_argument("--reloads", type=int, default=36)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--policy",
+        action="append",
+        help="a switching policy, applied to both methods: 'free' (no cost) or SwitchCost fields, "
+        "e.g. 'hysteresis=0.005' or 'per_mb=0.1,hysteresis=0.01' (accuracy as a fraction); "
+        "repeat for several (default: free). 'free' always runs: it is the paper's baseline",
+    )
     parser.add_argument("--out-json", default="benchmarks/results/replay_cost.json")
     parser.add_argument("--out-plot", default="benchmarks/results/replay_cost.png")
     args = parser.parse_args()
@@ -64,19 +77,24 @@ def main() -> None:
     bank = Bank.open(args.bank)
     targets = args.targets.split(",")
 
-    results: dict[tuple[str, str], ReplayResult] = {}
-    seconds: dict[tuple[str, str], float] = {}
+    policies = {"free": None} | {p: _policy(p) for p in args.policy or () if p != "free"}
+    results: dict[tuple[str, str, str], ReplayResult] = {}
+    seconds: dict[tuple[str, str, str], float] = {}
     spans = {target: budget_range(bank, target) for target in targets}
-    for target, (low, high) in spans.items():
-        for kind, seed in SEEDS.items():
-            start = time.perf_counter()
-            results[kind, target] = replay(
-                bank, GENERATORS[kind](low, high, args.steps, seed=seed), target
-            )
-            seconds[kind, target] = time.perf_counter() - start
-            print(f"replayed {kind} on {target} in {seconds[kind, target]:.1f} s", file=sys.stderr)
-    example = next(iter(results))
-    plot_replay(results[example], Path(args.out_plot).with_name(f"replay-{'-'.join(example)}.png"))
+    for policy, cost in policies.items():
+        config = RuntimeConfig(cache_bytes=0, switch_cost=cost)
+        for target, (low, high) in spans.items():
+            for kind, seed in SEEDS.items():
+                key = (policy, kind, target)
+                start = time.perf_counter()
+                trace = GENERATORS[kind](low, high, args.steps, seed=seed)
+                results[key] = replay(bank, trace, target, config)
+                seconds[key] = time.perf_counter() - start
+                print(f"replayed {' '.join(key)} in {seconds[key]:.1f} s", file=sys.stderr)
+    for (policy, kind, target), result in results.items():
+        if kind == "steps" and target == targets[0]:
+            name = f"replay-{kind}-{target}" + ("" if policy == "free" else f"-{policy}")
+            plot_replay(result, Path(args.out_plot).with_name(f"{name}.png"))
 
     selections = {
         getattr(step, m).selection.choices
@@ -87,9 +105,10 @@ def main() -> None:
     measured = _measure(bank, selections, args.test_images, args.seed)
     teacher_bytes = [bank.file_bytes(b, 0) for b in range(bank.plan.num_blocks)]
     rows = [
-        _row(kind, result, spans[target], measured, teacher_bytes, seconds[kind, target])
-        for (kind, target), result in results.items()
+        _row(key, result, spans[key[2]], measured, teacher_bytes, seconds[key])
+        for key, result in results.items()
     ]
+    _against_paper_baseline(rows)
     rng = random.Random(args.seed)
     reloads = {
         target: _switch_against_reload(bank, target, args.reloads, rng) for target in targets
@@ -111,6 +130,8 @@ def main() -> None:
                 "model_level": "one variant per sparsity level (uniform across blocks); each step "
                 "takes the most accurate variant whose estimate fits; a switch reloads every block",
                 "caches": "none on either side beyond the live descendants",
+                "policy": "the switching cost both methods switch under (SwitchCost fields; free: "
+                "none); *_vs_free_model_level compares with the model level of the free policy",
                 "switch_seconds": "wall time per step, deciding included; median over the steps "
                 "that switched",
                 "mean_accuracy": "per step, over the steps both methods met, of the live selection "
@@ -124,7 +145,7 @@ def main() -> None:
         }
     )
     Path(args.out_json).write_text(json.dumps(out, indent=2) + "\n")
-    _plot(rows, reloads, args.out_plot)
+    _plot([r for r in rows if r["policy"] == list(policies)[-1]], reloads, args.out_plot)
     print(json.dumps(out["summary"], indent=2))
 
 
@@ -154,8 +175,14 @@ def _measure(bank: Bank, selections: set[Choices], images: int, seed: int) -> di
     return accuracy
 
 
+def _policy(text: str) -> SwitchCost:
+    """``per_mb=0.1,hysteresis=0.01`` as a SwitchCost."""
+    fields = dict(item.split("=", 1) for item in text.split(","))
+    return SwitchCost(**{k.strip(): float(v) for k, v in fields.items()})
+
+
 def _row(
-    kind: str,
+    key: tuple[str, str, str],
     result: ReplayResult,
     span: tuple[Budget, Budget],
     measured: dict[Choices, float],
@@ -163,7 +190,10 @@ def _row(
     seconds: float,
 ) -> dict[str, Any]:
     """One replay's summaries, with the measured accuracies and the teacher-not-resident bytes."""
+    policy, kind, _ = key
     row: dict[str, Any] = {
+        "policy": policy,
+        "switch_cost": result.config.to_dict()["switch_cost"],
         "trace": kind,
         "seed": SEEDS[kind],
         "target": result.target,
@@ -199,6 +229,24 @@ def _row(
             ours["measured_mean_accuracy"] - theirs["measured_mean_accuracy"]
         )
     return row
+
+
+def _against_paper_baseline(rows: list[dict[str, Any]]) -> None:
+    """Each row's blockscale side against the model level of the 'free' policy on the same trace
+    and target (a variant switch at every step where a better one fits, as the paper's baseline)."""
+    free = {(r["trace"], r["target"]): r["model_level"] for r in rows if r["policy"] == "free"}
+    for r in rows:
+        theirs, ours = free[r["trace"], r["target"]], r["blockscale"]
+        r["comparison"]["bytes_fewer_percent_vs_free_model_level"] = 100 * (
+            1 - ours["bytes_loaded"] / theirs["bytes_loaded"]
+        )
+        r["comparison"]["switch_seconds_ratio_vs_free_model_level"] = (
+            ours["switch_seconds"] / theirs["switch_seconds"]
+        )
+        if "measured_mean_accuracy" in ours:
+            r["comparison"]["measured_accuracy_gain_points_vs_free_model_level"] = 100 * (
+                ours["measured_mean_accuracy"] - theirs["measured_mean_accuracy"]
+            )
 
 
 def _switch_against_reload(
@@ -255,8 +303,12 @@ def _switch_against_reload(
 
 def _headline(rows: list[dict[str, Any]], reloads: dict[str, Any]) -> dict[str, Any]:
     """Totals over every trace, per target and over all."""
-    groups = {target: [r for r in rows if r["target"] == target] for target in reloads}
-    groups["all"] = rows
+    groups = {}
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = [r for r in rows if r["policy"] == policy]
+        groups |= {f"{policy} {t}": [r for r in mine if r["target"] == t] for t in reloads}
+        groups[f"{policy} all"] = mine
+    free = {(r["trace"], r["target"]): r["model_level"] for r in rows if r["policy"] == "free"}
     headline = {}
     for name, group in groups.items():
         total = {
@@ -286,9 +338,25 @@ def _headline(rows: list[dict[str, Any]], reloads: dict[str, Any]) -> dict[str, 
                 / theirs["bytes_loaded_teacher_not_resident"]
             ),
             "switch_seconds_ratio": ours["switch_seconds"] / theirs["switch_seconds"],
+            "bytes_fewer_percent_vs_free_model_level": 100
+            * (
+                1
+                - ours["bytes_loaded"]
+                / sum(free[r["trace"], r["target"]]["bytes_loaded"] for r in group)
+            ),
+            "switch_seconds_ratio_vs_free_model_level": ours["switch_seconds"]
+            / sum(free[r["trace"], r["target"]]["switch_seconds"] for r in group),
         }
-        if name in reloads:
-            headline[name]["switch_against_reload_median_ratio"] = reloads[name]["median_ratio"]
+        if "measured_mean_accuracy" in ours:
+            headline[name]["measured_accuracy_gain_points_vs_free_model_level"] = 100 * (
+                ours["measured_mean_accuracy"]
+                - statistics.fmean(
+                    free[r["trace"], r["target"]]["measured_mean_accuracy"] for r in group
+                )
+            )
+        target = name.split(" ", 1)[1]
+        if target in reloads:
+            headline[name]["switch_against_reload_median_ratio"] = reloads[target]["median_ratio"]
     return headline
 
 

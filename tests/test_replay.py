@@ -225,6 +225,15 @@ def test_a_switch_cost_applies_to_both_methods_alike(bank):
     assert sticky.summary("model_level").bytes_loaded == _loads(bank, (1, 1), (0, 1))
     again = ReplayResult.from_dict(json.loads(json.dumps(sticky.to_dict())))
     assert again.config == sticky.config
+    paper = replay(
+        bank,
+        trace,
+        "torch-1t",
+        RuntimeConfig(0, switch_cost=SwitchCost(hysteresis=0.1)),
+        model_level_cost=SwitchCost(),
+    )
+    assert paper.summary("blockscale").switches == 1
+    assert paper.summary("model_level").switches == 7
 
 
 def test_a_joint_replay_splits_each_shared_budget_exactly(bank, tmp_path):

@@ -16,7 +16,7 @@ Definitions, the same on both sides:
 * Caches: the model level keeps none (a switch reloads the whole model); block-grained switching
   uses ``config``, which by default keeps none either, so the comparison is of granularity alone.
 * Switching costs: ``config.switch_cost`` (see :class:`~blockscale.multi.SwitchCost`) applies to
-  both sides alike. The runtime trades accuracy against the blocks and MiB a move loads; the
+  both sides alike, unless the model level is given its own. The runtime trades accuracy against the blocks and MiB a move loads; the
   model level scores each variant that fits as its accuracy less the same charge for the blocks
   it changes and the MiB it reads, and keeps its live variant within the same hysteresis.
 * Switch seconds: the wall time a method spends on a step, deciding included: ``set_budget``
@@ -281,12 +281,16 @@ def replay(
     config: RuntimeConfig | None = None,
     *,
     model: str | None = None,
+    model_level_cost: SwitchCost | Literal["same"] = "same",
 ) -> ReplayResult:
     """Run ``bank`` through ``trace`` on ``target`` (default: its first), switching blocks, and run
     the model-level baseline through it too; see the module docstring for what is measured.
 
     ``config`` is the block-grained runtime's (default: no cache beyond the live descendants). A
-    trace with budgets per model is read at ``model`` (default: the bank's folder name).
+    trace with budgets per model is read at ``model`` (default: the bank's folder name). The model
+    level switches under ``config.switch_cost`` too, unless ``model_level_cost`` gives its own
+    (``SwitchCost()``: it takes the most accurate variant that fits at every step, as the paper's
+    baseline does).
     """
     name = bank.target(target)
     budgets = trace.budgets(model or bank.path.name)
@@ -302,7 +306,7 @@ def replay(
     by_model = Runtime(bank, name, RuntimeConfig(cache_bytes=0, design=config.design))
     for runtime in (by_block, by_model):
         runtime.set_selection(teacher)
-    cost = config.switch_cost or SwitchCost()
+    cost = (config.switch_cost or SwitchCost()) if model_level_cost == "same" else model_level_cost
     steps = tuple(
         ReplayStep(
             time_s=step.time_s,
