@@ -40,6 +40,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--test-images", type=int, default=5000)
     parser.add_argument("--tflite", action="store_true", help="also profile tflite-1t")
+    parser.add_argument(
+        "--accuracy-images",
+        type=int,
+        default=0,
+        help="measure the validated selections' accuracy on the first this many profile images "
+        "(0: all of them); latency, what this benchmark is about, does not depend on it",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-json", default="benchmarks/results/deploy_latency.json")
     args = parser.parse_args()
@@ -47,6 +54,8 @@ def main() -> None:
     bank = Bank.open(args.bank)
     config = BuildConfig.from_dict(bank.manifest["build"])
     _, profile_set = training_subsets(load_dataset("fashion-mnist", "train"), config)
+    if args.accuracy_images:
+        profile_set = Subset(profile_set, range(min(args.accuracy_images, len(profile_set))))
     test_set = Subset(load_dataset("fashion-mnist", "test"), range(args.test_images))
     decomposition, descendants = bank.decomposition(), bank.load_descendants()
     profiles = bank.profile
