@@ -1,4 +1,6 @@
 import itertools
+import json
+import shutil
 import threading
 
 import pytest
@@ -10,10 +12,12 @@ from blockscale.derive import derive
 from blockscale.errors import (
     BankError,
     ConfigError,
+    ExportError,
     InfeasibleBudgetError,
     InputShapeError,
     ProfileError,
 )
+from blockscale.export import OnnxExport, export_bank
 from blockscale.extract import extract
 from blockscale.multi import SwitchCost
 from blockscale.profile import BankProfile
@@ -332,3 +336,48 @@ def test_multi_runtime_hysteresis_limits_and_errors(bank):
         fair["c"]
     with pytest.raises(ConfigError, match="at least one"):
         MultiRuntime([])
+
+
+# -- reading a bank's ONNX export ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(bank, tmp_path_factory):
+    path = tmp_path_factory.mktemp("runtime-onnx") / "bank-onnx"
+    export_bank(bank.decomposition(), bank.load_descendants(), path)
+    return path
+
+
+def test_an_onnx_export_is_read_instead_of_exporting(bank, exported, x, references):
+    export = OnnxExport(exported)
+    runtime = Runtime(bank, "ort-1t", BIG, onnx_export=exported)
+    for choices in [(1, 2), (2, 1), (0, 0), (1, 2)]:
+        report = runtime.set_selection(choices)
+        assert (runtime(x) - references[choices]).abs().max() <= 1e-4
+        fresh = [(b, choices[b]) for b in report.changed if choices[b] != 0]
+        if report.cache_hits == 0:
+            assert report.bytes_loaded == sum(export.file_bytes(*k) for k in fresh)
+    assert runtime.history[-1].bytes_loaded == 0  # (1, 2) again: from the cache
+    with pytest.raises(ConfigError, match="onnxruntime targets"):
+        Runtime(bank, "torch-1t", onnx_export=exported)
+
+
+def test_a_foreign_or_altered_export_is_refused(bank, exported, tmp_path, x, references):
+    other = tmp_path / "other"
+    shutil.copytree(exported, other)
+    index = json.loads((other / "index.json").read_text())
+    index["model"] = "vgg11"
+    (other / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="not of this bank"):
+        Runtime(bank, "ort-1t", onnx_export=other)
+    altered = tmp_path / "altered"
+    shutil.copytree(exported, altered)
+    name = json.loads((altered / "index.json").read_text())["blocks"][1][2]["file"]
+    data = bytearray((altered / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (altered / name).write_bytes(bytes(data))
+    runtime = Runtime(bank, "ort-1t", onnx_export=altered)
+    with pytest.raises(ExportError, match="sha256"):
+        runtime.set_selection((0, 2))
+    assert runtime.selection.choices == (0, 0)
+    assert (runtime(x) - references[(0, 0)]).abs().max() <= 1e-4

@@ -1005,6 +1005,14 @@ def replay_cmd(
             "(0: none, as the model level keeps none).",
         ),
     ] = 0.0,
+    onnx_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--onnx",
+            help="The bank's ONNX export (from `export`): ONNX Runtime targets read descendants "
+            "from it instead of exporting them at switch time (one bank only).",
+        ),
+    ] = None,
     per_mb: Annotated[
         float,
         typer.Option(
@@ -1047,9 +1055,14 @@ def replay_cmd(
         budgets = read_trace(trace)
         opened = [Bank.open(b) for b in banks]
         if len(opened) == 1:
-            result = replay(opened[0], budgets, target, config)
+            result = replay(opened[0], budgets, target, config, onnx_export=onnx_dir)
             shown = result
         else:
+            if onnx_dir is not None:
+                raise ConfigError(
+                    "--onnx names one bank's export; a joint replay exports as it goes",
+                    hint="drop --onnx, or replay one bank",
+                )
             if per_block or per_mb:
                 raise ConfigError(
                     "a joint replay takes --hysteresis only, not --per-mb or --per-block",

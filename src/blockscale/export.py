@@ -308,52 +308,95 @@ def _layout(
     return files, index
 
 
-def read_export(path: str | os.PathLike) -> OnnxBank:
-    """An exported bank read back, every file checked against its sha256 in ``index.json``."""
-    root = Path(path)
-    try:
-        index = json.loads((root / INDEX).read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(
-            f"{root} holds no readable {INDEX}: {exc}",
-            hint="export the bank with `blockscale export BANK --format onnx --out DIR`",
-        ) from exc
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ExportError(f"{root / INDEX} is not a blockscale ONNX index")
-    if index.get("schema_version") != SCHEMA_VERSION:
-        raise ExportError(
-            f"{root} has ONNX index version {index.get('schema_version')}; this blockscale reads "
-            f"version {SCHEMA_VERSION}",
-            hint="export the bank again with this version of blockscale",
-        )
+class OnnxExport:
+    """An exported bank opened for reading: the index and the frame read and checked now, each
+    descendant read (and checked against its sha256) only when :meth:`descendant` asks for it."""
 
-    def load(name: str) -> onnx.ModelProto:
-        record = index["files"].get(name) if _FILE_NAME.match(name) else None
-        if record is None:
-            raise ExportError(f"{root / INDEX} names a file {name!r} that an export never holds")
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = root = Path(path)
         try:
-            data = (root / name).read_bytes()
+            index = json.loads((root / INDEX).read_text())
+        except (OSError, ValueError) as exc:
+            raise ExportError(
+                f"{root} holds no readable {INDEX}: {exc}",
+                hint="export the bank with `blockscale export BANK --format onnx --out DIR`",
+            ) from exc
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise ExportError(f"{root / INDEX} is not a blockscale ONNX index")
+        if index.get("schema_version") != SCHEMA_VERSION:
+            raise ExportError(
+                f"{root} has ONNX index version {index.get('schema_version')}; this blockscale "
+                f"reads version {SCHEMA_VERSION}",
+                hint="export the bank again with this version of blockscale",
+            )
+        self.index = index
+        with self._mangled():
+            self.model = str(index["model"])
+            self.sizes = tuple(len(family) for family in index["blocks"])
+            pieces = tuple(
+                OnnxPiece(
+                    PieceWiring.from_dict(p["wiring"]), self._load(p["file"]) if p["file"] else None
+                )
+                for p in index["pieces"]
+            )
+            self.frame = OnnxFrame(input=str(index["input"]), pieces=pieces)
+
+    @contextlib.contextmanager
+    def _mangled(self) -> Iterator[None]:
+        """Turn a malformed index into an ExportError naming it."""
+        try:
+            yield
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ExportError(
+                f"{self.path / INDEX} is missing or mangles {exc}", hint="export the bank again"
+            ) from exc
+
+    def _record(self, block: int, index: int) -> dict[str, Any]:
+        if not (0 <= block < len(self.sizes) and 0 <= index < self.sizes[block]):
+            raise ExportError(
+                f"the export at {self.path} has no descendant {index} of block {block}",
+                hint=f"its blocks have {list(self.sizes)} descendants",
+            )
+        with self._mangled():
+            return self.index["files"][self.index["blocks"][block][index]["file"]]
+
+    def descendant(self, block: int, index: int) -> onnx.ModelProto:
+        """Descendant ``index`` of block ``block``, read and checked now."""
+        self._record(block, index)
+        with self._mangled():
+            return self._load(self.index["blocks"][block][index]["file"])
+
+    def file_bytes(self, block: int, index: int) -> int:
+        """The size of that descendant's file: what reading it costs."""
+        with self._mangled():
+            return int(self._record(block, index)["bytes"])
+
+    def _load(self, name: str) -> onnx.ModelProto:
+        record = self.index["files"].get(name) if _FILE_NAME.match(name) else None
+        if record is None:
+            raise ExportError(
+                f"{self.path / INDEX} names a file {name!r} that an export never holds"
+            )
+        try:
+            data = (self.path / name).read_bytes()
         except OSError as exc:
-            raise ExportError(f"cannot read {root / name}: {exc}") from exc
+            raise ExportError(f"cannot read {self.path / name}: {exc}") from exc
         if hashlib.sha256(data).hexdigest() != record["sha256"]:
             raise ExportError(
-                f"{root / name} does not match its recorded sha256: it was altered or truncated",
+                f"{self.path / name} does not match its recorded sha256: it was altered or "
+                "truncated",
                 hint="export the bank again",
             )
         return onnx.load_model_from_string(data)
 
-    try:
-        pieces = tuple(
-            OnnxPiece(PieceWiring.from_dict(p["wiring"]), load(p["file"]) if p["file"] else None)
-            for p in index["pieces"]
-        )
-        descendants = tuple(tuple(load(e["file"]) for e in family) for family in index["blocks"])
-        frame = OnnxFrame(input=str(index["input"]), pieces=pieces)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ExportError(
-            f"{root / INDEX} is missing or mangles {exc}", hint="export the bank again"
-        ) from exc
-    return OnnxBank(root, frame, descendants)
+
+def read_export(path: str | os.PathLike) -> OnnxBank:
+    """An exported bank read back whole, every file checked against its sha256 in ``index.json``."""
+    export = OnnxExport(path)
+    descendants = tuple(
+        tuple(export.descendant(b, d) for d in range(size)) for b, size in enumerate(export.sizes)
+    )
+    return OnnxBank(export.path, export.frame, descendants)
 
 
 def export_selection(

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from matplotlib.figure import Figure
 
 from .bank import Bank, json_safe
 from .errors import ConfigError, InfeasibleBudgetError, ProfileError, TraceError
+from .export import OnnxExport
 from .multi import SwitchCost
 from .runtime import ModelSlot, MultiRuntime, Runtime, RuntimeConfig
 from .traces import Trace
@@ -282,6 +284,7 @@ def replay(
     *,
     model: str | None = None,
     model_level_cost: SwitchCost | Literal["same"] = "same",
+    onnx_export: str | os.PathLike | None = None,
 ) -> ReplayResult:
     """Run ``bank`` through ``trace`` on ``target`` (default: its first), switching blocks, and run
     the model-level baseline through it too; see the module docstring for what is measured.
@@ -290,7 +293,8 @@ def replay(
     trace with budgets per model is read at ``model`` (default: the bank's folder name). The model
     level switches under ``config.switch_cost`` too, unless ``model_level_cost`` gives its own
     (``SwitchCost()``: it takes the most accurate variant that fits at every step, as the paper's
-    baseline does).
+    baseline does). ``onnx_export`` (an ONNX export of the bank) is where both sides read
+    descendants on an ONNX Runtime target (see :class:`~blockscale.runtime.Runtime`).
     """
     name = bank.target(target)
     budgets = trace.budgets(model or bank.path.name)
@@ -302,8 +306,11 @@ def replay(
         (bank.estimate(_uniform(bank, k), name) for k in range(levels)),
         key=lambda v: (-v.accuracy, v.latency_ms, v.memory_mb, v.choices),
     )
-    by_block = Runtime(bank, name, config)
-    by_model = Runtime(bank, name, RuntimeConfig(cache_bytes=0, design=config.design))
+    export = None if onnx_export is None else OnnxExport(onnx_export)  # read once for both
+    by_block = Runtime(bank, name, config, onnx_export=export)
+    by_model = Runtime(
+        bank, name, RuntimeConfig(cache_bytes=0, design=config.design), onnx_export=export
+    )
     for runtime in (by_block, by_model):
         runtime.set_selection(teacher)
     cost = (config.switch_cost or SwitchCost()) if model_level_cost == "same" else model_level_cost

@@ -19,6 +19,7 @@ reads that reference once, so it runs wholly on the old model or wholly on the n
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -33,7 +34,7 @@ from torch import nn
 
 from .bank import Bank
 from .errors import BankError, ConfigError, InputShapeError
-from .export import export_frame, export_onnx
+from .export import OnnxExport, export_frame, export_onnx
 from .extract import Decomposition, compose
 from .multi import JointSelector, Member, SwitchCost, select_switching
 from .ort import DEFAULT_DESIGN, Design, compose_session
@@ -126,10 +127,19 @@ class _Live:
 
 
 class _Backend(Protocol):
-    """What differs between targets: the form a loaded descendant takes, and how a model is built."""
+    """What differs between targets: the form a descendant takes, where it is read from, and how a
+    model is built."""
 
-    def part(self, block: int, module: nn.Module) -> Any:
-        """``module`` (a descendant of ``block``) in the form :meth:`build` takes."""
+    def load(self, key: Key) -> Any:
+        """Descendant ``key``, read from storage, in the form :meth:`build` takes."""
+        ...
+
+    def file_bytes(self, key: Key) -> int:
+        """What reading descendant ``key`` costs, in bytes."""
+        ...
+
+    def resident(self, key: Key, module: nn.Module) -> Any:
+        """Descendant ``key``, already in memory as ``module``, in the form :meth:`build` takes."""
         ...
 
     def build(self, parts: Sequence[Any]) -> _Run:
@@ -140,10 +150,17 @@ class _Backend(Protocol):
 class _TorchBackend:
     """Torch eager: the composed module (the frame is shared, blocks are the loaded modules)."""
 
-    def __init__(self, decomposition: Decomposition) -> None:
+    def __init__(self, bank: Bank, decomposition: Decomposition) -> None:
+        self.bank = bank
         self.decomposition = decomposition
 
-    def part(self, block: int, module: nn.Module) -> nn.Module:
+    def load(self, key: Key) -> nn.Module:
+        return self.bank.load_descendant(*key)
+
+    def file_bytes(self, key: Key) -> int:
+        return self.bank.file_bytes(*key)
+
+    def resident(self, key: Key, module: nn.Module) -> nn.Module:
         return module
 
     def build(self, parts: Sequence[Any]) -> _Run:
@@ -157,18 +174,39 @@ class _TorchBackend:
 
 
 class _OrtBackend:
-    """ONNX Runtime: the frame exported once, each descendant exported once when loaded, and one
-    session of ``design`` per selection (a live session is never swapped in place)."""
+    """ONNX Runtime: one session of ``design`` per selection (a live session is never swapped in
+    place). The frame and the descendants come from an ONNX export of the bank when one is given
+    (read, never exported again), else each is exported from torch once, when first loaded."""
 
-    def __init__(self, decomposition: Decomposition, design: Design, threads: int) -> None:
+    def __init__(
+        self,
+        bank: Bank,
+        decomposition: Decomposition,
+        design: Design,
+        threads: int,
+        export: OnnxExport | None,
+    ) -> None:
+        self.bank = bank
         self.plan = decomposition.plan
-        self.frame = export_frame(decomposition)
+        self.export = export
+        self.frame = export.frame if export is not None else export_frame(decomposition)
         self.design = design
         self.threads = threads
 
-    def part(self, block: int, module: nn.Module) -> onnx.ModelProto:
-        example = (torch.zeros(1, *self.plan.blocks[block].input_shape),)
-        return export_onnx(module, example, name=f"{self.plan.model} block {block}")
+    def load(self, key: Key) -> onnx.ModelProto:
+        if self.export is not None:
+            return self.export.descendant(*key)
+        return self._exported(key, self.bank.load_descendant(*key))
+
+    def file_bytes(self, key: Key) -> int:
+        return (self.export or self.bank).file_bytes(*key)
+
+    def resident(self, key: Key, module: nn.Module) -> onnx.ModelProto:
+        return self.export.descendant(*key) if self.export else self._exported(key, module)
+
+    def _exported(self, key: Key, module: nn.Module) -> onnx.ModelProto:
+        example = (torch.zeros(1, *self.plan.blocks[key[0]].input_shape),)
+        return export_onnx(module, example, name=f"{self.plan.model} block {key[0]}")
 
     def build(self, parts: Sequence[Any]) -> _Run:
         session = compose_session(self.frame, parts, design=self.design, threads=self.threads)
@@ -225,6 +263,23 @@ class _Cache:
         return key in self._entries
 
 
+def _matching_export(
+    bank: Bank, export: str | os.PathLike | OnnxExport | None
+) -> OnnxExport | None:
+    """``export`` opened, checked to be of ``bank`` (its model, blocks and descendants)."""
+    if export is None:
+        return None
+    opened = export if isinstance(export, OnnxExport) else OnnxExport(export)
+    sizes = tuple(len(family) for family in bank.descendants)
+    if opened.model != bank.plan.model or opened.sizes != sizes:
+        raise ConfigError(
+            f"the ONNX export at {opened.path} is of {opened.model} with {list(opened.sizes)} "
+            f"descendants per block, not of this bank ({bank.plan.model}, {list(sizes)})",
+            hint=f"export this bank: blockscale export {bank.path} --out DIR",
+        )
+    return opened
+
+
 def _cost_per_accuracy(bank: Bank, summed: float, step: float = 1e-4) -> float:
     """How much summed cost one unit of estimated accuracy is worth near ``summed``: the inverse
     slope of :meth:`Bank.accuracy_of` there (1 where the accuracy is flat, e.g. clipped at 0)."""
@@ -241,6 +296,11 @@ class Runtime:
     accurate selection within ``budget`` (default: no limits). ``frame`` is needed only for a bank
     whose frame is Python code (see :meth:`Bank.load_frame`). Torch's intra-op thread count is
     process-wide and left to the caller; ONNX Runtime sessions use the target's threads.
+
+    ``onnx_export``, an ONNX export of this bank (``blockscale export BANK --out DIR``, or an
+    :class:`~blockscale.export.OnnxExport`), lets an ONNX Runtime target read each descendant's
+    checked ONNX file when a switch needs it instead of exporting it from torch then, which is
+    most of a small switch's time; bytes loaded are then those files' sizes.
     """
 
     def __init__(
@@ -251,6 +311,7 @@ class Runtime:
         *,
         frame: nn.Module | None = None,
         budget: Budget | None = None,
+        onnx_export: str | os.PathLike | OnnxExport | None = None,
     ) -> None:
         name = bank.target(target.name if isinstance(target, Target) else target)
         self.bank = bank
@@ -265,9 +326,20 @@ class Runtime:
         first = bank.select(budget, name)  # an infeasible budget fails before anything loads
         decomposition = bank.decomposition(frame)
         if self.target.backend == "torch":
-            self._backend: _Backend = _TorchBackend(decomposition)
+            if onnx_export is not None:
+                raise ConfigError(
+                    f"an ONNX export runs on onnxruntime targets, not {self.target.name}",
+                    hint="drop onnx_export=, or run on ort-Nt",
+                )
+            self._backend: _Backend = _TorchBackend(bank, decomposition)
         else:
-            self._backend = _OrtBackend(decomposition, self.config.design, self.target.threads)
+            self._backend = _OrtBackend(
+                bank,
+                decomposition,
+                self.config.design,
+                self.target.threads,
+                _matching_export(bank, onnx_export),
+            )
         # the teacher's own blocks, held by the frame anyway: parts made from them on first use
         self._teacher = {
             (b, info.index): module
@@ -325,7 +397,10 @@ class Runtime:
         )
         charged = SwitchCost(cost.per_block * scale, cost.per_mb * scale, cost.hysteresis * scale)
         loads = [
-            [0 if self.holds((b, d)) else self.bank.file_bytes(b, d) for d in range(len(family))]
+            [
+                0 if self.holds((b, d)) else self._backend.file_bytes((b, d))
+                for d in range(len(family))
+            ]
             for b, family in enumerate(self.bank.descendants)
         ]
         picked = select_switching(table, budget, live, charged, loads)
@@ -380,13 +455,13 @@ class Runtime:
         cache or the resident teacher blocks held it)."""
         if key in self._teacher:
             if key not in self._resident:
-                self._resident[key] = self._backend.part(key[0], self._teacher[key])
+                self._resident[key] = self._backend.resident(key, self._teacher[key])
             return self._resident[key], 0
         part = self._cache.get(key)
         if part is not None:
             return part, 0
-        size = self.bank.file_bytes(*key)
-        part = self._backend.part(key[0], self.bank.load_descendant(*key))
+        size = self._backend.file_bytes(key)
+        part = self._backend.load(key)
         self._cache.put(key, part, size)
         return part, size
 
