@@ -70,6 +70,12 @@ def main() -> None:
         "e.g. 'hysteresis=0.005' or 'per_mb=0.1,hysteresis=0.01' (accuracy as a fraction); "
         "repeat for several (default: free). 'free' always runs: it is the paper's baseline",
     )
+    parser.add_argument(
+        "--onnx",
+        default=None,
+        help="the bank's ONNX export (blockscale export BANK --out DIR): ONNX Runtime targets "
+        "read descendants from it on both sides instead of exporting them at switch time",
+    )
     parser.add_argument("--out-json", default="benchmarks/results/replay_cost.json")
     parser.add_argument("--out-plot", default="benchmarks/results/replay_cost.png")
     args = parser.parse_args()
@@ -88,7 +94,8 @@ def main() -> None:
                 key = (policy, kind, target)
                 start = time.perf_counter()
                 trace = GENERATORS[kind](low, high, args.steps, seed=seed)
-                results[key] = replay(bank, trace, target, config)
+                onnx = args.onnx if target.startswith("ort") else None
+                results[key] = replay(bank, trace, target, config, onnx_export=onnx)
                 seconds[key] = time.perf_counter() - start
                 print(f"replayed {' '.join(key)} in {seconds[key]:.1f} s", file=sys.stderr)
     for (policy, kind, target), result in results.items():
@@ -111,7 +118,10 @@ def main() -> None:
     _against_paper_baseline(rows)
     rng = random.Random(args.seed)
     reloads = {
-        target: _switch_against_reload(bank, target, args.reloads, rng) for target in targets
+        target: _switch_against_reload(
+            bank, target, args.reloads, rng, args.onnx if target.startswith("ort") else None
+        )
+        for target in targets
     }
 
     out = json_safe(
@@ -250,12 +260,12 @@ def _against_paper_baseline(rows: list[dict[str, Any]]) -> None:
 
 
 def _switch_against_reload(
-    bank: Bank, target: str, samples: int, rng: random.Random
+    bank: Bank, target: str, samples: int, rng: random.Random, onnx: str | None
 ) -> dict[str, Any]:
     """The runtime's switch for random changes of 1 to n blocks, against a switch of a second
     runtime to the same selection from one sharing no block with it (a full reload)."""
-    live = Runtime(bank, target, RuntimeConfig(cache_bytes=0))
-    cold = Runtime(bank, target, RuntimeConfig(cache_bytes=0))
+    live = Runtime(bank, target, RuntimeConfig(cache_bytes=0), onnx_export=onnx)
+    cold = Runtime(bank, target, RuntimeConfig(cache_bytes=0), onnx_export=onnx)
     blocks, levels = bank.plan.num_blocks, len(bank.derive_config.sparsities)
     runs = []
     for i in range(samples):
