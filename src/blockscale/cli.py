@@ -493,6 +493,74 @@ def inspect(
 
 
 @app.command()
+def bench(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for bench.json and plots.")
+    ] = Path("bench-out"),
+    models: Annotated[
+        str, typer.Option(help="Zoo models, comma-separated; each needs a teacher checkpoint.")
+    ] = "resnet20,vgg11,mobilenetv2",
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny subsets and one epoch: a few minutes.")
+    ] = False,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs for the bank and every baseline alike.")
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Target latency is measured on.")] = None,
+    checkpoints: Annotated[
+        Path, typer.Option(help="Folder of MODEL-DATASET.safetensors teachers.")
+    ] = Path("checkpoints"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate blockscale against model-level baselines (uniform scaling, L1 compression,
+    distillation): options, training time, and measured accuracy at every latency and memory
+    budget, side by side in one run."""
+    from dataclasses import replace as with_
+
+    from .bench import ALL_METHODS, BenchConfig, run_bench
+
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+
+    def run() -> dict[str, Any]:
+        config = BenchConfig.quick(names) if quick else BenchConfig(models=names)
+        changes: dict[str, Any] = {"checkpoints": str(checkpoints)}
+        if epochs is not None:
+            changes["epochs"] = epochs
+        if target is not None:
+            changes["target"] = target
+        log = (lambda text: None) if as_json else _err.print
+        return run_bench(with_(config, **changes), out, progress=not as_json, log=log)
+
+    result = _run(run)
+
+    def render() -> None:
+        for model, goals in zip(result["models"], result["goals"], strict=True):
+            table = Table(
+                "budget",
+                *ALL_METHODS,
+                title=f"{model['model']}: measured test accuracy (teacher "
+                f"{model['teacher']['test_accuracy']:.2%}); {model['options']['blockscale']:,} "
+                f"options against {model['levels']} per baseline",
+            )
+            for row in model["budgets"]:
+                table.add_row(
+                    f"{row['kind']} {row['fraction']:.0%}",
+                    *(
+                        "-" if row[m] is None else f"{row[m]['test_accuracy']:.2%}"
+                        for m in ALL_METHODS
+                    ),
+                )
+            _out.print(table)
+            ratios = ", ".join(
+                f"{m} {goals['training_ratio'][m]:.2f}x" for m in goals["training_ratio"]
+            )
+            _out.print(f"bank training time against each family (equal epochs): {ratios}")
+        _out.print(f"results: {out / 'bench.json'}; plots: {out}/bench-MODEL.png")
+
+    _emit(result, as_json, render)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's outputs.")] = Path(
         "demo-out"
