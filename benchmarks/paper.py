@@ -18,7 +18,7 @@ from blockscale.bench import BenchConfig, run_bench
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet20,vgg11,mobilenetv2")
+    parser.add_argument("--models", default="resnet20,vgg11_bn,mobilenetv2")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--train-images", type=int)

@@ -61,10 +61,10 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
 
 def test_a_missing_teacher_names_the_command_that_trains_it(tmp_path):
     result = CliRunner().invoke(
-        app, ["bench", "--quick", "--models", "vgg11", "--checkpoints", str(tmp_path)]
+        app, ["bench", "--quick", "--models", "vgg11_bn", "--checkpoints", str(tmp_path)]
     )
     assert result.exit_code == 2
-    assert "blockscale train --model vgg11 --dataset fashion-mnist" in " ".join(
+    assert "blockscale train --model vgg11_bn --dataset fashion-mnist" in " ".join(
         result.output.split()
     )
 

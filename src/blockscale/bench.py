@@ -63,7 +63,7 @@ class BenchConfig:
     alike, image counts, budget fractions, the target, the trace length, the seed, and how
     latency is timed."""
 
-    models: tuple[str, ...] = ("resnet20", "vgg11", "mobilenetv2")
+    models: tuple[str, ...] = ("resnet20", "vgg11_bn", "mobilenetv2")
     dataset: str = "fashion-mnist"
     checkpoints: str = "checkpoints"
     sparsities: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)

@@ -499,7 +499,7 @@ def bench(
     ] = Path("bench-out"),
     models: Annotated[
         str, typer.Option(help="Zoo models, comma-separated; each needs a teacher checkpoint.")
-    ] = "resnet20,vgg11,mobilenetv2",
+    ] = "resnet20,vgg11_bn,mobilenetv2",
     quick: Annotated[
         bool, typer.Option("--quick", help="Tiny subsets and one epoch: a few minutes.")
     ] = False,
