@@ -95,6 +95,7 @@ class Bank:
         ]
         self._selectors: dict[str, Selector] = {}
         self._tables: dict[str, CostTable] = {}
+        self._parsed: BankProfile | None = None
         self.files = {
             _checked_name(name): FileRecord(str(rec["sha256"]), int(rec["bytes"]))
             for name, rec in manifest["files"].items()
@@ -111,9 +112,15 @@ class Bank:
             )
         return BankProfile.from_dict(data)
 
+    def _profile(self) -> BankProfile:
+        """The profiles parsed once, for reading only (:attr:`profile` gives a copy to change)."""
+        if self._parsed is None:
+            self._parsed = self.profile
+        return self._parsed
+
     def target(self, target: str | None = None) -> str:
         """``target`` checked against the profiled ones, or the first profiled target."""
-        targets = list(self.profile.targets)
+        targets = list(self._profile().targets)
         if target is None:
             return targets[0]
         if target not in targets:
@@ -128,7 +135,7 @@ class Bank:
         on ``target``, weights and activations, for selection; built once per target and kept."""
         name = self.target(target)
         if name not in self._tables:
-            profile = self.profile
+            profile = self._profile()
             costs = [
                 [dataclasses.replace(p, accuracy_drop=profile.cost(p.accuracy_drop)) for p in fam]
                 for fam in profile.descendants
@@ -142,14 +149,14 @@ class Bank:
         """The estimated accuracies of selections whose :meth:`cost_table` costs add up to
         ``summed``, through the bank's combination and fitted correction (non-increasing), as
         :meth:`estimate` and :meth:`select` report them."""
-        profile = self.profile
+        profile = self._profile()
         values = np.asarray(summed, dtype=np.float64)
         return np.array([profile.accuracy(float(s)) for s in values.ravel()]).reshape(values.shape)
 
     def _corrected(self, selection: Selection) -> Selection:
         """``selection`` with its accuracy mapped from summed costs (log-odds or points) through
         the bank's fitted correction, if it has one."""
-        profile = self.profile
+        profile = self._profile()
         summed = profile.teacher_accuracy - selection.accuracy
         return dataclasses.replace(selection, accuracy=profile.accuracy(summed))
 
@@ -301,6 +308,7 @@ class Bank:
         self.manifest = manifest
         self._selectors.clear()  # profiles may have changed
         self._tables.clear()
+        self._parsed = None
 
     # -- reading -----------------------------------------------------------------------------
 

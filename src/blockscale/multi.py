@@ -162,7 +162,17 @@ def select_switching(
         return solve(table, budget)
     cost = switch_cost or SwitchCost()
     live = _check_choices(table, current)
+    stay = table.estimate(live)
     charge = switch_penalties(table, live, cost, bytes_table)
+    if method == "search":
+        # no move scores more than the plain optimum, charges only lower a move's score: when
+        # that optimum is the live selection, or beats it by at most the margin, stay (exact, and
+        # it spares building a charged table for the steps of a wobbling budget)
+        plain = solve(table, budget)
+        if plain.choices == live or (
+            _within(stay, budget) and plain.accuracy - stay.accuracy <= cost.hysteresis
+        ):
+            return stay
     # the charges folded into the drops: exact on the table's grid, so scores compare exactly
     charged = CostTable(
         drop=table.drop + charge,
@@ -184,7 +194,6 @@ def select_switching(
             solve(table, budget)  # raises the same InfeasibleBudgetError as solve
             raise SolverError("HiGHS found no selection within a budget that solve can meet")
         best = found[0]
-    stay = table.estimate(live)
     if best != live and _within(stay, budget):
         gain = charged.estimate(best).accuracy - charged.estimate(live).accuracy
         if gain <= cost.hysteresis:
