@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import json
 import math
@@ -15,17 +16,24 @@ from blockscale.data import load_dataset
 from blockscale.derive import derive
 from blockscale.extract import compose, extract
 from blockscale.profile import (
+    GAMMAS,
     BankProfile,
     ProfileConfig,
+    _link,
     add_target,
     count_macs,
     estimate,
+    fit_additive,
+    fit_block_weights,
+    fit_interactions,
     peak_activation_bytes,
+    predict_selections,
     profile,
     spearman,
     summarize_validation,
     validate,
     weight_bytes,
+    weighted_accuracy_errors,
 )
 from blockscale.targets import Target
 from blockscale.train import TrainConfig, evaluate, train
@@ -428,10 +436,6 @@ def test_corrected_errors_are_reported(bank):
 
 
 def test_logit_costs_compound_and_stay_additive(bank):
-    import dataclasses
-
-    from blockscale.profile import _logit
-
     _, _, _, _, profiles = bank
     logit = dataclasses.replace(profiles, combine="logit", correction=None)
     t = logit.teacher_accuracy
@@ -441,6 +445,88 @@ def test_logit_costs_compound_and_stay_additive(bank):
     assert logit.accuracy(two) < t - 0.2 + 1e-9 or t < 0.3
     assert logit.accuracy(logit.cost(0.1)) == pytest.approx(t - 0.1)
     assert logit.cost_of(logit.accuracy(0.37)) == pytest.approx(0.37)
-    assert _logit(0.5) == 0.0
+    assert _link("logit", None)[0](0.5) == 0.0
     plain = dataclasses.replace(profiles, combine="sum", correction=None)
     assert plain.accuracy(plain.cost(0.05) * 2) == pytest.approx(max(0.0, t - 0.1))
+
+
+@pytest.mark.parametrize(
+    ("combine", "gamma"), [("sum", None), ("logit", None), *(("fitted", g) for g in GAMMAS)]
+)
+def test_every_link_is_increasing_and_inverts(combine, gamma):
+    h, inverse = _link(combine, gamma)
+    accuracies = np.linspace(0.05, 0.95, 19)
+    values = h(accuracies)
+    assert np.all(np.diff(values) > 0)
+    np.testing.assert_allclose(inverse(values), accuracies, atol=1e-9)
+
+
+def _noisy_logits(seed, blocks=2, levels=3, images=2000, classes=5):
+    """A teacher's logits and, per block, descendants that add ever more noise to them."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, images)
+    teacher = rng.normal(0, 1, (images, classes)).astype(np.float32)
+    teacher[np.arange(images), labels] += 2.5
+    logits = [
+        [None] + [teacher + rng.normal(0, 0.3 * d, teacher.shape) for d in range(1, levels)]
+        for _ in range(blocks)
+    ]
+    return teacher, logits, labels
+
+
+def test_the_per_image_model_adds_each_descendants_change_to_the_logits():
+    teacher, logits, labels = _noisy_logits(0)
+    choices = np.array(list(itertools.product(range(3), repeat=2)))
+    predicted = predict_selections(teacher, logits, labels, choices)
+    for picks, value in zip(choices, predicted, strict=True):
+        z = teacher.astype(np.float64)
+        for b, d in enumerate(picks):
+            if d:
+                z = z + logits[b][d] - teacher
+        assert value == pytest.approx((z.argmax(1) == labels).mean(), abs=1e-3)
+    assert predicted[0] == (teacher.argmax(1) == labels).mean()  # (0, 0): the teacher
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(GAMMAS), st.integers(0, 2**31))
+def test_an_exactly_additive_accuracy_is_recovered_with_its_link(gamma, seed):
+    rng = np.random.default_rng(seed)
+    fixed = [[True, False, False, False] for _ in range(4)]
+    truth = [[0.0, *sorted(rng.uniform(0.01, 0.4, 3))] for _ in fixed]
+    choices = rng.integers(0, 4, (400, 4))
+    h, inverse = _link("fitted", gamma)
+    teacher = 0.92
+    accuracies = inverse(h(teacher) - np.array([sum(truth[b][d] for b, d in enumerate(c))
+                                                for c in choices]))  # fmt: skip
+    found, costs, errors = fit_additive(choices, accuracies, teacher, fixed)
+    assert found == gamma and errors[gamma] < 1e-9
+    np.testing.assert_allclose(costs, truth, atol=1e-7)
+
+
+def test_a_descendant_that_changes_nothing_costs_little():
+    teacher, logits, labels = _noisy_logits(2)
+    logits[1][1] = teacher.copy()
+    gamma, costs, errors = fit_interactions(teacher, logits, labels, selections=400)
+    assert gamma in GAMMAS and errors[gamma] == min(errors.values())
+    assert all(c[0] == 0.0 for c in costs) and all(v >= 0 for c in costs for v in c)
+    # least squares spreads what the links cannot follow over every column: little, not nothing
+    assert costs[1][1] < 0.1 * costs[1][2] and costs[1][1] < 0.2 * costs[0][1]
+
+
+def test_block_weights_recover_blocks_that_lose_more_among_others(bank):
+    _, _, _, _, profiles = bank
+    plain = dataclasses.replace(profiles, combine="logit", correction=None, block_weights=None)
+    base = plain.base_costs()
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0.5, 1.5, len(base))
+    records = []
+    for _ in range(60):
+        choices = [int(rng.integers(len(f))) for f in base]
+        summed = sum(w * base[b][d] for b, (w, d) in enumerate(zip(truth, choices, strict=True)))
+        records.append({"choices": choices, "measured_accuracy": plain.accuracy(summed)})
+    weights = fit_block_weights(records, plain)
+    np.testing.assert_allclose(weights, truth, atol=0.05)
+    report = weighted_accuracy_errors(records, plain)
+    assert report["weighted_accuracy_mae_points"] < 0.1
+    weighted = dataclasses.replace(plain, block_weights=weights)
+    assert weighted.costs()[0][1] == pytest.approx(weights[0] * base[0][1])

@@ -131,14 +131,15 @@ class Bank:
         return target
 
     def cost_table(self, target: str | None = None) -> CostTable:
-        """Every descendant's cost (its accuracy drop, combined as the bank's profile says), latency
+        """Every descendant's cost (:meth:`BankProfile.costs`: its drop on the profile's scale, or
+        its fitted cost, block weights applied), latency
         on ``target``, weights and activations, for selection; built once per target and kept."""
         name = self.target(target)
         if name not in self._tables:
             profile = self._profile()
             costs = [
-                [dataclasses.replace(p, accuracy_drop=profile.cost(p.accuracy_drop)) for p in fam]
-                for fam in profile.descendants
+                [dataclasses.replace(p, accuracy_drop=c) for p, c in zip(fam, cs, strict=True)]
+                for fam, cs in zip(profile.descendants, profile.costs(), strict=True)
             ]
             self._tables[name] = CostTable.from_profiles(
                 costs, profile.frame, profile.teacher_accuracy, name

@@ -36,9 +36,12 @@ class BuildConfig:
 
     ``retrain_samples`` images of the training set feed block retraining and a disjoint
     ``profile_samples`` images measure accuracy drops; ``validate_samples`` random selections check
-    the additive estimate (0 skips the check). ``combine`` says how per-block drops add up: in
-    accuracy points as LegoDNN (``"sum"``) or in log-odds of accuracy (``"logit"``), which follows
-    compounding drops more closely; both are additive, so selection stays exact.
+    the additive estimate (0 skips the check) and fit its correction, kept only when it beats the
+    plain estimate by leave-one-out. ``combine`` says how the parts add up: drops in accuracy
+    points as LegoDNN (``"sum"``), in log-odds (``"logit"``), or costs fitted to how the drops
+    compound on the profiling images (``"fitted"``, :func:`blockscale.profile.fit_interactions`,
+    corrected by one weight per block from the validated selections); all are additive, so
+    selection stays exact.
     """
 
     derive: DeriveConfig = field(default_factory=DeriveConfig)
@@ -47,14 +50,14 @@ class BuildConfig:
     target: str = "ort-1t"
     retrain_samples: int = 10_000
     profile_samples: int = 2_000
-    validate_samples: int = 20
-    combine: str = "logit"
+    validate_samples: int = 50
+    combine: str = "fitted"
     seed: int = 0
     blocks: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.combine not in ("sum", "logit"):
-            raise ConfigError(f"combine must be 'sum' or 'logit', got {self.combine!r}")
+        if self.combine not in ("sum", "logit", "fitted"):
+            raise ConfigError(f"combine must be 'sum', 'logit' or 'fitted', got {self.combine!r}")
         if self.retrain_samples < 1 or self.profile_samples < 1 or self.validate_samples < 0:
             raise ConfigError(
                 "retrain_samples and profile_samples must be positive and validate_samples at "
@@ -191,6 +194,12 @@ def build(
         decomposition, families, profile_set, target, config.profile, progress=progress
     )
     profiles.combine = config.combine
+    if config.combine == "fitted" and profiles.fitted_costs is None:
+        log(
+            "the profiling images' logits were too many to keep for the interaction fit: "
+            "drops combine in log-odds"
+        )
+        profiles.combine = "logit"
     timings["profile"] = time.perf_counter() - start
     if config.validate_samples:
         start = time.perf_counter()
@@ -207,8 +216,12 @@ def build(
         )
         timings["validate"] = time.perf_counter() - start
         check = profiles.validation[target.name]
-        if check["corrected_accuracy_mae_points"] < check["accuracy_mae_points"]:
-            profiles.correction = DropCorrection(**check["correction"])  # it held out of sample
+        # a correction is kept only when it beat the plain estimate out of sample
+        if profiles.combine == "fitted":
+            if check["weighted_accuracy_mae_points"] < check["accuracy_mae_points"]:
+                profiles.block_weights = check["block_weights"]
+        elif check["corrected_accuracy_mae_points"] < check["accuracy_mae_points"]:
+            profiles.correction = DropCorrection(**check["correction"])
     bank = save(out, {"retrain": report, "profiles": profiles.to_dict(), "timings": timings})
     shutil.rmtree(work, ignore_errors=True)
     log(f"bank written to {out} ({json.dumps({k: round(v, 1) for k, v in timings.items()})} s)")

@@ -11,11 +11,11 @@ points (LegoDNN) or in log-odds of accuracy (``BankProfile.combine``), which fol
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._progress import progress_bar
 from .derive import Descendant
-from .errors import ConfigError
+from .errors import ConfigError, ProfileError
 from .extract import Decomposition, compose
 from .targets import Target
 from .train import evaluate
@@ -49,13 +49,43 @@ class ProfileConfig:
         return asdict(self)
 
 
-Combine = Literal["sum", "logit"]
+Combine = Literal["sum", "logit", "fitted"]
 _EDGE = 1e-4  # accuracies are clipped to [_EDGE, 1 - _EDGE] before taking log-odds
+# the links the interaction fit chooses among: exponents of the error rate (0: its logarithm)
+GAMMAS = (-1.0, -0.5, -0.25, 0.0)
+_FIT_SELECTIONS = 5000  # random selections the interaction fit predicts per image, then fits
+_FIT_HELD_OUT = 1000  # of which this many (at most a fifth) judge the links
+_LOGITS_LIMIT = 2**31  # bytes of per-image logits profiling keeps for the fit; above, no fit
+_WEIGHT_RIDGE = 0.1  # block weights are pulled toward 1 by this much
 
 
-def _logit(p: float) -> float:
-    p = min(max(p, _EDGE), 1.0 - _EDGE)
-    return math.log(p / (1.0 - p))
+def _link(
+    combine: Combine, gamma: float | None
+) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """The scale accuracy costs add up on, and its inverse (both act on floats and arrays):
+    points, log-odds, or a power of the error rate, ``h(a) = ((1 - a) ** gamma - 1) / -gamma``
+    (``-log(1 - a)`` at ``gamma = 0``), whose curvature the interaction fit chooses."""
+    if combine == "sum":
+        return (lambda a: a), (lambda v: np.maximum(v, 0.0))
+    if combine == "logit":
+
+        def logit(a: Any) -> Any:
+            a = np.clip(a, _EDGE, 1.0 - _EDGE)
+            return np.log(a / (1.0 - a))
+
+        return logit, (lambda v: 1.0 / (1.0 + np.exp(-np.asarray(v, dtype=float))))
+    g = 0.0 if gamma is None else gamma
+    if g == 0.0:
+        return (
+            lambda a: -np.log(np.clip(1.0 - np.asarray(a, dtype=float), _EDGE, 1.0)),
+            lambda v: np.clip(1.0 - np.exp(-np.asarray(v, dtype=float)), 0, 1),
+        )
+    return (
+        lambda a: (np.clip(1.0 - np.asarray(a, dtype=float), _EDGE, 1.0) ** g - 1.0) / -g,
+        lambda v: np.clip(
+            1.0 - np.clip(1.0 - g * np.asarray(v, dtype=float), _EDGE, None) ** (1.0 / g), 0, 1
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -97,7 +127,14 @@ class DropCorrection:
 
 @dataclass
 class BankProfile:
-    """Profiles of a whole bank: teacher accuracy, the frame, every descendant, and targets."""
+    """Profiles of a whole bank: teacher accuracy, the frame, every descendant, and targets.
+
+    How a selection's accuracy is estimated from its parts (``combine``): its descendants' drops
+    added in points (``"sum"``, LegoDNN) or in log-odds (``"logit"``), or the costs the
+    interaction fit gave every descendant (``"fitted"``, ``fitted_costs`` on the link of exponent
+    ``gamma``; see :func:`fit_interactions`), scaled per block by ``block_weights`` when
+    validation fitted them. Every way is additive, so selection stays exact.
+    """
 
     teacher_accuracy: float
     frame: Profile
@@ -107,28 +144,47 @@ class BankProfile:
     val_samples: int = 0
     correction: DropCorrection | None = None
     combine: Combine = "sum"
+    fitted_costs: list[list[float]] | None = None
+    gamma: float | None = None
+    block_weights: list[float] | None = None
+
+    def _link(self) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+        return _link(self.combine, self.gamma)
 
     def cost(self, drop: float) -> float:
-        """A descendant's additive cost for selection: its accuracy drop, in points (``"sum"``,
-        LegoDNN's model) or in log-odds of accuracy (``"logit"``)."""
-        if self.combine == "sum":
-            return drop
-        return _logit(self.teacher_accuracy) - _logit(self.teacher_accuracy - drop)
+        """The additive cost of an accuracy drop of ``drop`` from the teacher on this profile's
+        scale: points (``"sum"``), log-odds (``"logit"``) or the fitted link (``"fitted"``)."""
+        h, _ = self._link()
+        return float(h(self.teacher_accuracy) - h(self.teacher_accuracy - drop))
+
+    def base_costs(self) -> list[list[float]]:
+        """Every descendant's cost before block weights: fitted, or its own drop's."""
+        if self.combine == "fitted":
+            if self.fitted_costs is None:
+                raise ProfileError(
+                    "this profile combines fitted costs but holds none",
+                    hint="profile the bank again, or build with combine='logit'",
+                )
+            return [list(map(float, fam)) for fam in self.fitted_costs]
+        return [[self.cost(p.accuracy_drop) for p in fam] for fam in self.descendants]
+
+    def costs(self) -> list[list[float]]:
+        """Every descendant's additive cost for selection, block weights applied."""
+        weights = self.block_weights or [1.0] * len(self.descendants)
+        return [[w * c for c in fam] for w, fam in zip(weights, self.base_costs(), strict=True)]
 
     def cost_of(self, accuracy: float) -> float:
         """The summed cost that a selection measured at ``accuracy`` has (inverse of accuracy)."""
-        if self.combine == "sum":
-            return self.teacher_accuracy - accuracy
-        return _logit(self.teacher_accuracy) - _logit(accuracy)
+        h, _ = self._link()
+        return float(h(self.teacher_accuracy) - h(accuracy))
 
     def accuracy(self, summed_cost: float, correction: DropCorrection | None = None) -> float:
         """Estimated accuracy of a selection whose descendants' costs add up to ``summed_cost``,
         through ``correction`` (default: the bank's own, if any)."""
         correction = correction or self.correction
         cost = correction(summed_cost) if correction else summed_cost
-        if self.combine == "sum":
-            return max(0.0, self.teacher_accuracy - cost)
-        return 1.0 / (1.0 + math.exp(cost - _logit(self.teacher_accuracy)))
+        h, inverse = self._link()
+        return float(inverse(h(self.teacher_accuracy) - cost))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -140,6 +196,9 @@ class BankProfile:
             "validation": self.validation,
             "correction": self.correction.to_dict() if self.correction else None,
             "combine": self.combine,
+            "fitted_costs": self.fitted_costs,
+            "gamma": self.gamma,
+            "block_weights": self.block_weights,
         }
 
     @classmethod
@@ -153,6 +212,9 @@ class BankProfile:
             val_samples=int(data.get("val_samples", 0)),
             correction=DropCorrection(**data["correction"]) if data.get("correction") else None,
             combine=data.get("combine", "sum"),
+            fitted_costs=data.get("fitted_costs"),
+            gamma=data.get("gamma"),
+            block_weights=data.get("block_weights"),
         )
 
 
@@ -249,7 +311,8 @@ def profile(
     teacher = compose(decomposition, decomposition.blocks)
     total = sum(len(f) for f in descendants) + 2
     with progress_bar("profile accuracy and size", total, enabled=progress) as advance:
-        teacher_accuracy = evaluate(teacher, val_set, batch_size=config.batch_size)
+        teacher_logits, labels = _logits(teacher, val_set, config.batch_size)
+        teacher_accuracy = float((teacher_logits.argmax(1) == labels).mean())
         frame_module = _frame_alone(decomposition)
         frame = Profile(
             block=-1,
@@ -264,17 +327,20 @@ def profile(
         )
         advance()
         families = []
+        logits: list[list[np.ndarray | None]] = []
+        keep = _logits_bytes(teacher_logits, descendants) <= _LOGITS_LIMIT
         for info, family in zip(plan.blocks, descendants, strict=True):
             profiles = []
+            logits.append([])
             for d in family:
                 blocks = list(decomposition.blocks)
                 blocks[info.index] = d.module
                 if d.info.sparsity == 0:
-                    accuracy = teacher_accuracy
+                    accuracy, changed = teacher_accuracy, None
                 else:
-                    accuracy = evaluate(
-                        compose(decomposition, blocks), val_set, batch_size=config.batch_size
-                    )
+                    changed, _ = _logits(compose(decomposition, blocks), val_set, config.batch_size)
+                    accuracy = float((changed.argmax(1) == labels).mean())
+                logits[-1].append(changed if keep else None)
                 profiles.append(
                     Profile(
                         block=info.index,
@@ -290,13 +356,124 @@ def profile(
                 advance(block=info.index)
             families.append(profiles)
         advance()
+    gamma, fitted = None, None
+    if keep:
+        gamma, fitted, _ = fit_interactions(teacher_logits, logits, labels)
     profiles = BankProfile(
         teacher_accuracy=teacher_accuracy,
         frame=frame,
         descendants=families,
         val_samples=len(val_set),
+        fitted_costs=fitted,
+        gamma=gamma,
     )
     return add_target(profiles, decomposition, descendants, target, config, progress=progress)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, dataset: Dataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``model``'s logits (float32) for every item of ``dataset``, in order, and the labels."""
+    model.eval()
+    outputs, labels = [], []
+    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        outputs.append(model(images).float().numpy())
+        labels.append(np.asarray(targets))
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def _logits_bytes(teacher: np.ndarray, descendants: Sequence[Sequence[Descendant]]) -> int:
+    """What keeping every pruned descendant's logits for the interaction fit takes."""
+    pruned = sum(d.info.sparsity > 0 for family in descendants for d in family)
+    return teacher.nbytes * pruned
+
+
+def fit_interactions(
+    teacher_logits: np.ndarray,
+    logits: Sequence[Sequence[np.ndarray | None]],
+    labels: np.ndarray,
+    *,
+    selections: int = _FIT_SELECTIONS,
+    seed: int = 0,
+) -> tuple[float, list[list[float]], dict[float, float]]:
+    """Additive costs per descendant that follow how drops compound, from each descendant's
+    logits alone in the teacher (``logits[b][d]``; None for the teacher's own block).
+
+    Per image, a selection's logits are predicted as the teacher's plus each chosen descendant's
+    change to them, which sees what a sum of accuracy drops misses: an image that two small
+    changes flip and neither flips alone. The predicted accuracies of ``selections`` uniformly
+    random selections are fitted by one cost per descendant, by least squares on each link of
+    ``GAMMAS``; the link whose fit predicts held-out selections best is kept, refitted on all of
+    them, and its costs are clamped at 0 (a pruned block does not gain accuracy, and an exact
+    optimiser would exploit a negative cost). No selection is measured for this.
+
+    Returns the link's exponent, ``costs[b][d]`` (0 for the teacher's own blocks), and each
+    link's mean absolute error (accuracy) on the held-out selections.
+    """
+    teacher = teacher_logits.astype(np.float32)
+    sizes = [len(fam) for fam in logits]
+    rng = np.random.default_rng(seed)
+    choices = np.stack([rng.integers(0, k, selections) for k in sizes], axis=1)
+    predicted = predict_selections(teacher, logits, labels, choices)
+    accuracy = float((teacher.argmax(1) == labels).mean())
+    fixed = [[x is None for x in fam] for fam in logits]
+    return fit_additive(choices, predicted, accuracy, fixed)
+
+
+def predict_selections(
+    teacher_logits: np.ndarray,
+    logits: Sequence[Sequence[np.ndarray | None]],
+    labels: np.ndarray,
+    choices: np.ndarray,
+) -> np.ndarray:
+    """Each selection's accuracy (rows of ``choices``) as the per-image model predicts it: the
+    teacher's logits plus every chosen descendant's change to them, then the arg-max."""
+    teacher = teacher_logits.astype(np.float32)
+    deltas = [
+        [None if x is None else x.astype(np.float32) - teacher for x in fam] for fam in logits
+    ]
+    predicted = np.empty(len(choices))
+    for i, picks in enumerate(choices):
+        z = teacher.copy()
+        for b, d in enumerate(picks):
+            if deltas[b][d] is not None:
+                z += deltas[b][d]
+        predicted[i] = (z.argmax(1) == labels).mean()
+    return predicted
+
+
+def fit_additive(
+    choices: np.ndarray,
+    accuracies: np.ndarray,
+    teacher_accuracy: float,
+    fixed: Sequence[Sequence[bool]],
+) -> tuple[float, list[list[float]], dict[float, float]]:
+    """One cost per descendant (0 where ``fixed``) whose sums, on the link of each exponent of
+    ``GAMMAS``, best fit the selections' ``accuracies`` by least squares; the link that predicts
+    the held-out selections best is kept and refitted on all, its costs clamped at 0. Returns
+    the exponent, the costs and each link's held-out mean absolute error."""
+    columns = [(b, d) for b, fam in enumerate(fixed) for d, f in enumerate(fam) if not f]
+    index = {key: j for j, key in enumerate(columns)}
+    design = np.zeros((len(choices), len(columns)))
+    for i, picks in enumerate(choices):
+        for b, d in enumerate(picks):
+            if (b, d) in index:
+                design[i, index[b, d]] = 1.0
+    cut = min(_FIT_HELD_OUT, len(choices) // 5)
+    train, held = slice(cut, None), slice(0, cut)
+    errors = {}
+    for gamma in GAMMAS:
+        h, inverse = _link("fitted", gamma)
+        target = h(teacher_accuracy) - h(accuracies)
+        fit, *_ = np.linalg.lstsq(design[train], target[train], rcond=None)
+        estimate = inverse(h(teacher_accuracy) - design[held] @ fit)
+        errors[gamma] = float(np.abs(estimate - accuracies[held]).mean())
+    gamma = min(GAMMAS, key=lambda g: errors[g])
+    h, _ = _link("fitted", gamma)
+    fit, *_ = np.linalg.lstsq(design, h(teacher_accuracy) - h(accuracies), rcond=None)
+    costs = [[0.0] * len(fam) for fam in fixed]
+    for (b, d), value in zip(columns, fit, strict=True):
+        costs[b][d] = max(float(value), 0.0)
+    return gamma, costs, errors
 
 
 def _frame_activation(decomposition: Decomposition) -> int:
@@ -424,11 +601,12 @@ def _alone_latency(
 def estimate(bank_profile: BankProfile, choices: Sequence[int], target: str) -> dict[str, float]:
     """The additive estimate of a selection: accuracy, latency (ms) and memory (MB)."""
     parts = [bank_profile.descendants[b][d] for b, d in enumerate(choices)]
+    costs = bank_profile.costs()
     frame = bank_profile.frame
     activation = max([frame.activation_bytes, *(p.activation_bytes for p in parts)])
     weights = frame.weight_bytes + sum(p.weight_bytes for p in parts)
     return {
-        "accuracy": bank_profile.accuracy(sum(bank_profile.cost(p.accuracy_drop) for p in parts)),
+        "accuracy": bank_profile.accuracy(sum(costs[b][d] for b, d in enumerate(choices))),
         "latency_ms": frame.latency_ms[target] + sum(p.latency_ms[target] for p in parts),
         "memory_mb": (weights + activation) / 2**20,
     }
@@ -481,6 +659,7 @@ def validate(
     teacher = runner.model(decomposition.blocks)
     teacher_estimate = estimate(bank_profile, [0] * plan.num_blocks, target.name)["latency_ms"]
     records = []
+    costs = bank_profile.costs()
     start = time.perf_counter()
     with progress_bar("validate estimates", samples, enabled=progress) as advance:
         for _ in range(samples):
@@ -498,7 +677,7 @@ def validate(
             records.append(
                 {
                     "choices": choices,
-                    "summed_cost": sum(bank_profile.cost(drop) for drop in drops),
+                    "summed_cost": sum(costs[b][d] for b, d in enumerate(choices)),
                     "sum_estimated_accuracy": bank_profile.teacher_accuracy - sum(drops),
                     "estimated_accuracy": est["accuracy"],
                     "measured_accuracy": evaluate(
@@ -515,7 +694,45 @@ def validate(
             advance()
     summary = summarize_validation(records, target.name, time.perf_counter() - start)
     summary.update(corrected_accuracy_errors(records, bank_profile))
+    summary.update(weighted_accuracy_errors(records, bank_profile))
     return summary
+
+
+def fit_block_weights(
+    records: Sequence[dict[str, Any]], bank_profile: BankProfile, ridge: float = _WEIGHT_RIDGE
+) -> list[float]:
+    """One weight per block on the descendants' costs, fitted to measured selections: ridge
+    regression toward 1 of each selection's measured cost (``cost_of`` its accuracy) on its
+    blocks' costs. Still additive, so selection stays exact; it corrects blocks whose drops,
+    measured alone, over- or understate what they lose among other pruned blocks."""
+    base = bank_profile.base_costs()
+    x = np.array([[base[b][d] for b, d in enumerate(r["choices"])] for r in records])
+    y = np.array([bank_profile.cost_of(r["measured_accuracy"]) for r in records])
+    n = x.shape[1]
+    weights = np.linalg.solve(x.T @ x + ridge * np.eye(n), x.T @ y + ridge * np.ones(n))
+    return [float(w) for w in weights]
+
+
+def weighted_accuracy_errors(
+    records: Sequence[dict[str, Any]], bank_profile: BankProfile
+) -> dict[str, Any]:
+    """Accuracy MAE and Spearman of block weights (:func:`fit_block_weights`) by leave-one-out,
+    and the weights fitted on all records."""
+    base = bank_profile.base_costs()
+    unweighted = dataclasses.replace(bank_profile, block_weights=None, correction=None)
+    predictions = []
+    for i, record in enumerate(records):
+        weights = fit_block_weights([r for j, r in enumerate(records) if j != i], unweighted)
+        picks = enumerate(zip(weights, record["choices"], strict=True))
+        summed = sum(w * base[b][d] for b, (w, d) in picks)
+        predictions.append(unweighted.accuracy(summed))
+    real = [r["measured_accuracy"] for r in records]
+    return {
+        "block_weights": fit_block_weights(records, unweighted),
+        "weighted_accuracy_mae_points": 100
+        * statistics.fmean(abs(p - m) for p, m in zip(predictions, real, strict=True)),
+        "weighted_accuracy_spearman": spearman(predictions, real),
+    }
 
 
 def corrected_accuracy_errors(
@@ -523,10 +740,7 @@ def corrected_accuracy_errors(
 ) -> dict[str, Any]:
     """Accuracy MAE and Spearman of the fitted :class:`DropCorrection`, by leave-one-out, and
     the correction fitted on all records."""
-    upper = sum(
-        max(bank_profile.cost(p.accuracy_drop) for p in family)
-        for family in bank_profile.descendants
-    )
+    upper = sum(max(family) for family in bank_profile.costs())
     summed = [r["summed_cost"] for r in records]
     measured = [bank_profile.cost_of(r["measured_accuracy"]) for r in records]
     predictions = []
