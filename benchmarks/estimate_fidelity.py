@@ -184,7 +184,11 @@ def _estimators(profiles: BankProfile, fit: list[dict]) -> dict[str, BankProfile
         "drops summed in log-odds": replace(profiles, combine="logit", **plain),
     }
     logit = variants["drops summed in log-odds"]
-    correction = corrected_accuracy_errors(fit, logit)["correction"]
+    costs = logit.costs()  # the records' summed costs are the bank's own estimator's
+    on_logit = [
+        {**r, "summed_cost": sum(costs[b][d] for b, d in enumerate(r["choices"]))} for r in fit
+    ]
+    correction = corrected_accuracy_errors(on_logit, logit)["correction"]
     variants["log-odds + monotone correction"] = replace(
         logit, correction=DropCorrection(**correction)
     )
