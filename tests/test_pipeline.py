@@ -10,7 +10,7 @@ from blockscale.data import load_dataset
 from blockscale.derive import derive
 from blockscale.errors import BankError
 from blockscale.pipeline import BuildConfig, build
-from blockscale.profile import ProfileConfig
+from blockscale.profile import GAMMAS, ProfileConfig
 from blockscale.retrain import RetrainConfig
 from blockscale.types import DeriveConfig
 
@@ -86,6 +86,17 @@ def test_full_build_writes_a_profiled_bank(data, reference):
     assert [f[0].accuracy_drop for f in profiles.descendants] == [0.0, 0.0]
     assert profiles.val_samples == 32
     assert profiles.validation["ort-1t"]["samples"] == 2
+    # the default estimate: costs fitted to the per-image interaction model, never negative
+    assert profiles.combine == "fitted" and profiles.gamma in GAMMAS
+    assert [len(f) for f in profiles.fitted_costs] == [2, 2]
+    assert all(f[0] == 0.0 and f[1] >= 0.0 for f in profiles.fitted_costs)
+    check = profiles.validation["ort-1t"]
+    helped = check["weighted_accuracy_mae_points"] < check["accuracy_mae_points"]
+    assert (
+        (profiles.block_weights == check["block_weights"])
+        if helped
+        else (profiles.block_weights is None and profiles.costs() == profiles.base_costs())
+    )
     report = opened.manifest["retrain"]
     assert report["samples"] == 128 and report["cache"] == "memory"
     assert len(report["val_mse_after"]) == 2
@@ -206,7 +217,7 @@ def test_an_existing_output_is_kept_unless_overwritten(data, tmp_path):
     assert "validate" not in bank.manifest["timings"]
 
 
-@pytest.mark.parametrize("combine", ["sum", "logit"])
+@pytest.mark.parametrize("combine", ["sum", "logit", "fitted"])
 def test_bank_select_is_the_best_estimate_within_budget(reference, tmp_path, combine):
     import itertools
     import shutil
