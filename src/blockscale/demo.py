@@ -124,7 +124,7 @@ def run_demo(
             {
                 "budget_ms": budget_ms,
                 "choices": list(key),
-                "estimated_accuracy": selection.accuracy + shift,
+                "estimated_accuracy": max(0.0, selection.accuracy + shift),
                 "measured_accuracy": accuracy[key],
                 "estimated_latency_ms": selection.latency_ms,
                 "measured_latency_ms": latency[key],
@@ -139,7 +139,7 @@ def run_demo(
         }
         for i, sparsity in enumerate(bank.derive_config.sparsities)
     ]
-    frontier = [replace(s, accuracy=s.accuracy + shift) for s in frontier]
+    frontier = [replace(s, accuracy=max(0.0, s.accuracy + shift)) for s in frontier]
     plot = plot_frontier(
         frontier,
         out / "frontier.png",
