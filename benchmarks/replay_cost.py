@@ -100,7 +100,8 @@ def main() -> None:
                 print(f"replayed {' '.join(key)} in {seconds[key]:.1f} s", file=sys.stderr)
     for (policy, kind, target), result in results.items():
         if kind == "steps" and target == targets[0]:
-            name = f"replay-{kind}-{target}" + ("" if policy == "free" else f"-{policy}")
+            tag = policy.replace("=", "").replace(",", "-")
+            name = f"replay-{kind}-{target}" + ("" if policy == "free" else f"-{tag}")
             plot_replay(result, Path(args.out_plot).with_name(f"{name}.png"))
 
     selections = {
