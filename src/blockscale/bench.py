@@ -186,7 +186,8 @@ def bench_model(
         for m, family in families.items()
     }
     log(f"{name}: timing {sum(map(len, offered.values()))} whole models on {target.name}")
-    _time([teacher_whole, *(w for ws in offered.values() for w in ws[1:])], runner, shape, config)
+    others = [w for ws in offered.values() for w in ws[1:]]
+    _time([teacher_whole, *others], target, runner, shape, config.timing)
 
     teacher_est = bank.estimate([0] * bank.plan.num_blocks)
     picks: dict[tuple[str, float], dict[str, _Whole | None]] = {}
@@ -217,7 +218,7 @@ def bench_model(
                 row[method] = _best_within(wholes, kind, fraction, teacher_whole)
             picks[kind, fraction] = row
     log(f"{name}: timing {len(chosen)} blockscale selections with the teacher")
-    _time([teacher_whole, *chosen.values()], runner, shape, config)
+    _time([teacher_whole, *chosen.values()], target, runner, shape, config.timing)
     measured = {id(w): w for row in picks.values() for w in row.values() if w is not None}
     measured[id(teacher_whole)] = teacher_whole
     log(f"{name}: measuring {len(measured)} models on {len(test_set)} test images")
@@ -270,16 +271,17 @@ def _whole(
 
 
 def _time(
-    wholes: Sequence[_Whole], runner: Any, shape: tuple[int, ...], config: BenchConfig
+    wholes: Sequence[_Whole],
+    target: Target,
+    runner: Any,
+    shape: tuple[int, ...],
+    timing: ProfileConfig,
 ) -> None:
     """Time every model as one whole exported model, round-robin with ``wholes[0]`` (the
     teacher); each gets its latency as a ratio to the teacher's in the same turns."""
     calls = [runner.block(w.module, shape) for w in wholes]
-    spans = Target.parse(config.target).time_calls(
-        calls,
-        warmup=config.timing.warmup,
-        repeats=config.timing.repeats,
-        rounds=config.timing.rounds,
+    spans = target.time_calls(
+        calls, warmup=timing.warmup, repeats=timing.repeats, rounds=timing.rounds
     )
     teacher = statistics.median(spans[0])
     for whole, span in zip(wholes, spans, strict=True):

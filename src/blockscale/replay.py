@@ -269,13 +269,6 @@ def _uniform(bank: Bank, level: int) -> tuple[int, ...]:
     return (level,) * bank.plan.num_blocks
 
 
-def _fits(selection: Selection, budget: Budget) -> bool:
-    """Whether ``selection``'s estimates meet ``budget`` (as ``Bank.select`` compares them)."""
-    return (budget.latency_ms is None or selection.latency_ms <= budget.latency_ms) and (
-        budget.memory_mb is None or selection.memory_mb <= budget.memory_mb
-    )
-
-
 def replay(
     bank: Bank,
     trace: Trace,
@@ -344,12 +337,16 @@ def _follow_variants(
     accuracy less ``cost``'s charge for the switch, or keeps its own within the hysteresis."""
     start = time.perf_counter()
     live = runtime.selection
-    fitting = [v for v in variants if _fits(v, budget)]  # most accurate first
-    if not fitting:
+    # most accurate first, so that max keeps the more accurate of equal scores
+    scores = {
+        v.choices: v.accuracy - _charge(runtime, live, v, cost)
+        for v in variants
+        if _fits_all((v,), budget)
+    }
+    if not scores:
         return Response(False, runtime.selection, (), 0, time.perf_counter() - start)
-    chosen = max(fitting, key=lambda v: v.accuracy - _charge(runtime, live, v, cost))
-    best = chosen.accuracy - _charge(runtime, live, chosen, cost)
-    if _fits(live, budget) and best - live.accuracy <= cost.hysteresis:
+    chosen = max((v for v in variants if v.choices in scores), key=lambda v: scores[v.choices])
+    if _fits_all((live,), budget) and scores[chosen.choices] - live.accuracy <= cost.hysteresis:
         chosen = live
     if chosen.choices == runtime.selection.choices:
         return Response(True, chosen, (), 0, time.perf_counter() - start)
@@ -591,7 +588,8 @@ def _follow_variant_combos(
 
 
 def _fits_all(combo: Sequence[Selection], budget: Budget) -> bool:
-    """Whether the selections' latencies and memories add up within ``budget``."""
+    """Whether the selections' estimated latencies and memories add up within ``budget`` (for
+    one selection, as ``Bank.select`` compares them)."""
     return (
         budget.latency_ms is None or sum(s.latency_ms for s in combo) <= budget.latency_ms
     ) and (budget.memory_mb is None or sum(s.memory_mb for s in combo) <= budget.memory_mb)
