@@ -81,6 +81,26 @@ def test_swap_changes_only_the_swapped_blocks(case, design):
     assert np.abs(session(x) - _torch_output(d, families, selection, x)).max() <= 1e-4
 
 
+def test_swapped_builds_a_new_chain_sharing_the_unchanged_sessions(case):
+    """The new chain has its own buffers, bound before its first call; the old one runs on."""
+    d, families, frame, onnx_families, _ = case
+    old_selection = _selection(d.plan.num_blocks)
+    chain = ChainedSession(frame, [f[s] for f, s in zip(onnx_families, old_selection, strict=True)])
+    x = np.random.default_rng(0).standard_normal((2, *SHAPE), dtype=np.float32)
+    before = chain(x)
+    new_selection = list(old_selection)
+    new_selection[0] = (new_selection[0] + 1) % len(SPARSITIES)
+    new = chain.swapped({0: onnx_families[0][new_selection[0]]})
+    assert new._shape == x.shape  # bound already
+    shared = [a.session is b.session for a, b in zip(chain._stages, new._stages, strict=True)]
+    assert shared.count(False) == 1 and not shared[chain._slots[0]]
+    assert np.abs(new(x) - _torch_output(d, families, new_selection, x)).max() <= 1e-4
+    np.testing.assert_array_equal(chain(x), before)
+    assert chain.blocks[0] is onnx_families[0][old_selection[0]]
+    with pytest.raises(ExportError, match="not a slot"):
+        chain.swapped({d.plan.num_blocks: onnx_families[0][0]})
+
+
 def test_merged_model_is_one_valid_graph(case):
     _, _, frame, onnx_families, _ = case
     model = merge(frame, [f[0] for f in onnx_families])

@@ -194,6 +194,19 @@ def test_onnxruntime_target(bank):
     assert result.target == "ort-1t"
     assert [s.blockscale.selection.choices for s in result.steps] == [(1, 1), (2, 2)]
     assert [s.model_level.selection.choices for s in result.steps] == [(1, 1), (2, 2)]
+    # adaptive blocks merge after each switch, off its path; whole models are built merged
+    assert all(s.blockscale.background_seconds > 0 for s in result.steps)
+    assert all(s.model_level.background_seconds == 0 for s in result.steps)
+    summary = result.summary("blockscale")
+    assert summary.background_seconds == pytest.approx(
+        sum(s.blockscale.background_seconds for s in result.steps)
+    )
+    ratio = result.comparison()["seconds_with_background_ratio"]
+    both = summary.switch_seconds + summary.background_seconds
+    assert ratio == pytest.approx(both / result.summary("model_level").switch_seconds)
+    assert ReplayResult.from_dict(result.to_dict()).summary("blockscale") == summary
+    chained = replay(bank, trace, "ort-1t", RuntimeConfig(cache_bytes=0, design="chained"))
+    assert all(s.blockscale.background_seconds == 0 for s in chained.steps)
 
 
 def test_budget_range_spans_the_least_costs_to_the_teacher(bank):

@@ -20,6 +20,7 @@ from blockscale.errors import (
 from blockscale.export import OnnxExport, export_bank
 from blockscale.extract import extract
 from blockscale.multi import SwitchCost
+from blockscale.ort import ChainedSession
 from blockscale.profile import BankProfile
 from blockscale.runtime import ModelSlot, MultiRuntime, Runtime, RuntimeConfig, SwitchReport
 from blockscale.targets import Target
@@ -105,6 +106,43 @@ def test_onnxruntime_target_matches_torch(bank, x, references):
         assert (out - references[choices]).abs().max() <= 1e-4
 
 
+def test_adaptive_switches_as_a_chain_then_publishes_the_merged_session(bank, x, references):
+    """A switch builds only the changed block's session into a new chain and serves it; the
+    background merge then replaces the chain by one merged session of the same selection."""
+    runtime = Runtime(bank, "ort-1t", BIG)
+    assert runtime.config.design == "adaptive"
+    assert runtime.settle(timeout=60)
+    first = runtime._live
+    assert isinstance(first.state, ChainedSession) and first.refined
+    runtime.set_selection((2, 0))
+    chain = runtime._live.state
+    shared = [
+        a.session is b.session for a, b in zip(first.state._stages, chain._stages, strict=True)
+    ]
+    assert shared.count(False) == 1 and not shared[chain._slots[0]]
+    assert runtime.settle(timeout=60)
+    assert runtime._live.state is chain and runtime._live.refined
+    assert runtime.refine_seconds > 0
+    assert (runtime(x) - references[(2, 0)]).abs().max() <= 1e-4
+    merged = Runtime(bank, "ort-1t", RuntimeConfig(cache_bytes=2**30, design="merged"))
+    assert merged._live.state is None and merged.settle(timeout=0) and merged.refine_seconds == 0
+
+
+def test_a_failed_background_merge_is_raised_by_settle(bank, x, references, monkeypatch):
+    runtime = Runtime(bank, "ort-1t", BIG)
+    runtime.settle(timeout=60)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no memory left")
+
+    monkeypatch.setattr("blockscale.runtime.MergedSession", broken)
+    runtime.set_selection((1, 1))
+    with pytest.raises(BankError, match="no memory left"):
+        runtime.settle(timeout=60)
+    assert (runtime(x) - references[(1, 1)]).abs().max() <= 1e-4  # the chain serves on
+    assert runtime.settle(timeout=0)  # raised once
+
+
 def test_a_switch_changes_only_the_blocks_that_differ(bank):
     runtime = Runtime(bank, "torch-1t", BIG)
     first = runtime.history[0]
@@ -185,7 +223,8 @@ def test_unknown_target_and_bad_inputs_are_refused(bank):
 
 
 @pytest.mark.parametrize(
-    ("target", "design"), [("torch-1t", "merged"), ("ort-1t", "merged"), ("ort-1t", "chained")]
+    ("target", "design"),
+    [("torch-1t", "merged"), ("ort-1t", "merged"), ("ort-1t", "chained"), ("ort-1t", "adaptive")],
 )
 def test_calls_during_switches_run_on_one_model(bank, x, references, target, design):
     """Four threads call the runtime while the budget alternates; every output is that of one
@@ -381,3 +420,16 @@ def test_a_foreign_or_altered_export_is_refused(bank, exported, tmp_path, x, ref
         runtime.set_selection((0, 2))
     assert runtime.selection.choices == (0, 0)
     assert (runtime(x) - references[(0, 0)]).abs().max() <= 1e-4
+
+
+def test_multi_runtime_settles_every_model(bank, x, references):
+    slots = [ModelSlot(bank, "ort-1t", name="a"), ModelSlot(bank, "torch-1t", name="b")]
+    multi = MultiRuntime(slots, BIG)
+    multi.set_budget(Budget(latency_ms=9.0))
+    assert multi.settle(timeout=60)
+    a = multi["a"]
+    assert a._live.refined and a.refine_seconds > 0
+    assert multi["b"].refine_seconds == 0  # torch has nothing to merge
+    for name in "ab":
+        out = multi(name, x) - references[multi.selections[name].choices]
+        assert out.abs().max() <= 1e-4

@@ -65,9 +65,9 @@ def _run(fn: Any) -> Any:
         return fn()
     except BlockscaleError as exc:
         # escaped: messages hold brackets (blockscale[tflite], blocks=[...]) that rich would eat
-        _err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+        _err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            _err.print(f"[bold]fix:[/] {escape(exc.hint)}", highlight=False)
+            _err.print(f"[bold]fix:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -1192,6 +1192,13 @@ def replay_cmd(
             "{:.4f}",
             _or_dash(ratio["median_switch_seconds_ratio"], "{:.3f}"),
         )
+        if any(s["background_seconds"] for s in sides):
+            row(
+                "+ background merge s",
+                "background_seconds",
+                "{:.4f}",
+                _or_dash(ratio["seconds_with_background_ratio"], "{:.3f} with it"),
+            )
         table.add_row(
             "mean accuracy",
             *(_or_dash(s["mean_accuracy"], "{:.2%}") for s in sides),

@@ -144,9 +144,10 @@ def inference_session(model: onnx.ModelProto, threads: int = 1) -> ort.Inference
 
 
 class _Stage:
-    """One session of a chain, reading and writing values by their names in the chain."""
+    """One session of a chain, reading and writing values by their names in the chain. Immutable,
+    so that chains built from one another share their unchanged stages."""
 
-    __slots__ = ("binding", "feeds", "names", "results", "session")
+    __slots__ = ("feeds", "names", "results", "session")
 
     def __init__(
         self,
@@ -159,21 +160,20 @@ class _Stage:
         self.feeds = tuple(feeds.items())  # (session input, chain value)
         self.names = list(results)  # session outputs
         self.results = tuple(results.values())  # the chain values they become
-        self.binding: ort.IOBinding | None = None
 
     def run(self, values: dict[str, np.ndarray]) -> None:
         outs = self.session.run(self.names, {name: values[value] for name, value in self.feeds})
         values.update(zip(self.results, outs, strict=True))
 
-    def bind(self, buffers: Mapping[str, np.ndarray]) -> None:
-        """Bind the session's inputs and outputs to the chain's buffers of those values."""
+    def bind(self, buffers: Mapping[str, np.ndarray]) -> ort.IOBinding:
+        """A binding of the session's inputs and outputs to ``buffers`` of those values."""
         binding = self.session.io_binding()
         for name, value in self.feeds:
             binding.bind_cpu_input(name, buffers[value])
         for name, value in zip(self.names, self.results, strict=True):
             out = buffers[value]
             binding.bind_output(name, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
-        self.binding = binding
+        return binding
 
 
 class ChainedSession:
@@ -182,7 +182,9 @@ class ChainedSession:
     Every session's inputs and outputs are bound to buffers shaped for the last batch size seen
     (IO binding), so a call copies the input in, runs the sessions and copies the output out, with
     no allocation or name lookup between sessions. A swap rebuilds only the changed blocks'
-    sessions. Not safe to call from several threads at once (the buffers are shared).
+    sessions, in place (:meth:`swap`) or into a new chain that shares the others' sessions with
+    this one (:meth:`swapped`). Not safe to call from several threads at once (the buffers are
+    shared); two chains that share sessions may run at once (a session runs concurrent calls).
     """
 
     def __init__(
@@ -193,8 +195,6 @@ class ChainedSession:
         self.frame = frame
         self.threads = threads
         self.blocks = list(blocks)
-        self._buffers: dict[str, np.ndarray] = {}
-        self._shape: tuple[int, ...] | None = None  # the input shape the buffers are for
         self._stages: list[_Stage] = []
         self._slots: dict[int, int] = {}  # block index -> position of its stage
         for piece in frame.pieces:
@@ -207,26 +207,29 @@ class ChainedSession:
             if wiring.block_output is not None:
                 self._slots[wiring.index] = len(self._stages)
                 self._stages.append(self._block_stage(wiring.index))
+        self._unbind()
+
+    def _unbind(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+        self._bindings: list[ort.IOBinding] = []
+        self._shape: tuple[int, ...] | None = None  # the input shape the buffers are for
 
     def _block_stage(self, index: int) -> _Stage:
         wiring = self.frame.pieces[index].wiring
         assert wiring.block_output is not None
-        stage = _Stage(
+        return _Stage(
             self.blocks[index],
             {BLOCK_INPUT: wiring.feeds},
             {BLOCK_OUTPUT: wiring.block_output},
             self.threads,
         )
-        if self._shape is not None:
-            stage.bind(self._buffers)  # a descendant's output has its block's shape
-        return stage
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.shape != self._shape:
             return self._bind(x)
         np.copyto(self._buffers[self.frame.input], x)
-        for stage in self._stages:
-            stage.session.run_with_iobinding(stage.binding)
+        for stage, binding in zip(self._stages, self._bindings, strict=True):
+            stage.session.run_with_iobinding(binding)
         return self._buffers[self.frame.output].copy()
 
     def _bind(self, x: np.ndarray) -> np.ndarray:
@@ -235,11 +238,15 @@ class ChainedSession:
         values = {self.frame.input: x}
         for stage in self._stages:
             stage.run(values)
-        self._buffers = {name: np.empty(v.shape, v.dtype) for name, v in values.items()}
-        for stage in self._stages:
-            stage.bind(self._buffers)
-        self._shape = x.shape
+        self._bind_buffers({name: (v.shape, v.dtype) for name, v in values.items()}, x.shape)
         return values[self.frame.output]
+
+    def _bind_buffers(
+        self, layout: Mapping[str, tuple[tuple[int, ...], Any]], shape: tuple[int, ...]
+    ) -> None:
+        self._buffers = {name: np.empty(s, dtype) for name, (s, dtype) in layout.items()}
+        self._bindings = [stage.bind(self._buffers) for stage in self._stages]
+        self._shape = shape
 
     def swap(self, changes: Mapping[int, onnx.ModelProto]) -> SwapReport:
         """Put ``changes[b]`` into block ``b``, rebuilding only those blocks' sessions."""
@@ -248,7 +255,30 @@ class ChainedSession:
         for index, model in changes.items():
             self.blocks[index] = model
             self._stages[self._slots[index]] = self._block_stage(index)
+        if self._shape is not None:  # a descendant's output has its block's shape
+            self._bindings = [stage.bind(self._buffers) for stage in self._stages]
         return SwapReport(tuple(sorted(changes)), time.perf_counter() - start)
+
+    def swapped(self, changes: Mapping[int, onnx.ModelProto]) -> ChainedSession:
+        """A new chain with ``changes[b]`` in block ``b``: only those blocks' sessions are built,
+        the others are this chain's own, and its buffers are bound for the batch shape this one
+        was last called with. This chain is left as it was, so it can serve until the new one is
+        published."""
+        _check_changes(self.frame, changes)
+        chain = object.__new__(ChainedSession)
+        chain.frame = self.frame
+        chain.threads = self.threads
+        chain.blocks = list(self.blocks)
+        chain._stages = list(self._stages)
+        chain._slots = self._slots
+        chain._unbind()
+        for index, model in changes.items():
+            chain.blocks[index] = model
+            chain._stages[self._slots[index]] = chain._block_stage(index)
+        if self._shape is not None:
+            layout = {name: (b.shape, b.dtype) for name, b in self._buffers.items()}
+            chain._bind_buffers(layout, self._shape)
+        return chain
 
 
 class MergedSession:

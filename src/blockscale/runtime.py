@@ -15,6 +15,12 @@ counted at its file size); live descendants are never evicted. The teacher's own
 Switching is safe while other threads call the runtime: a switch builds the new model aside, then
 publishes it by replacing one reference (under the switch lock, which serialises switches); a call
 reads that reference once, so it runs wholly on the old model or wholly on the new one.
+
+On ONNX Runtime the default design, ``adaptive``, makes a switch cost what changed: it publishes a
+chain of per-block sessions in which only the changed blocks' sessions are new (the others are the
+previous chain's), then a background thread merges the selection into one session, which runs
+faster, and publishes that in its place unless a newer switch came first (:meth:`Runtime.settle`
+waits for it). The live chain's sessions are kept beside the merged one for the next switch.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import onnx
@@ -37,13 +43,14 @@ from .errors import BankError, ConfigError, InputShapeError
 from .export import OnnxExport, export_frame, export_onnx
 from .extract import Decomposition, compose
 from .multi import JointSelector, Member, SwitchCost, select_switching
-from .ort import DEFAULT_DESIGN, Design, compose_session
+from .ort import ChainedSession, MergedSession
 from .targets import Target
 from .types import Budget, Selection
 
 Key = tuple[int, int]  # (block, descendant index)
 _Run = Callable[[torch.Tensor], torch.Tensor]
-_DESIGNS = ("merged", "chained")
+RuntimeDesign = Literal["adaptive", "merged", "chained"]
+_DESIGNS: tuple[str, ...] = get_args(RuntimeDesign)
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,11 @@ class RuntimeConfig:
 
     ``cache_bytes`` bounds the bytes of loaded descendants kept beyond the live ones (0: keep only
     what is live); ``design`` is how ONNX Runtime targets run a selection (see
-    :mod:`blockscale.ort`; ``merged`` runs fastest). Every switch builds a new session rather than
-    swapping one in place under its callers, so ``chained`` gives up its cheaper swap here and runs
-    one call at a time (its buffers are shared). ``history`` is how many switch reports are kept.
+    :mod:`blockscale.ort`): ``merged`` builds one session of the whole selection at every switch
+    (fastest to run, a switch costs a whole model's session); ``chained`` builds only the changed
+    blocks' sessions into a new chain (cheapest switch, each call about 1.5x slower, one call at a
+    time as its buffers are shared); ``adaptive`` switches as ``chained`` and then merges in the
+    background. ``history`` is how many switch reports are kept.
 
     ``switch_cost`` makes :meth:`Runtime.set_budget` switching-aware (see
     :class:`~blockscale.multi.SwitchCost`): a move is charged per changed block and per MiB it
@@ -63,7 +72,7 @@ class RuntimeConfig:
     """
 
     cache_bytes: int = 64 * 2**20
-    design: Design = DEFAULT_DESIGN
+    design: RuntimeDesign = "adaptive"
     history: int = 1000
     switch_cost: SwitchCost | None = None
 
@@ -124,6 +133,8 @@ class _Live:
     budget: Budget | None
     parts: tuple[Any, ...]  # per block: what the backend builds models from
     run: _Run
+    state: Any = None  # what the backend builds the next switch's model from (an ORT chain)
+    refined: bool = False  # whether run is the background refiner's faster model
 
 
 class _Backend(Protocol):
@@ -142,8 +153,17 @@ class _Backend(Protocol):
         """Descendant ``key``, already in memory as ``module``, in the form :meth:`build` takes."""
         ...
 
-    def build(self, parts: Sequence[Any]) -> _Run:
-        """A call running the frame with ``parts`` in its slots."""
+    def build(
+        self, parts: Sequence[Any], changed: Sequence[int], previous: Any
+    ) -> tuple[_Run, Any]:
+        """A call running the frame with ``parts`` in its slots, and the state the next build
+        starts from; ``previous`` is the live model's state (None at first), which differs from
+        ``parts`` in the ``changed`` blocks."""
+        ...
+
+    def refine(self, parts: Sequence[Any]) -> _Run | None:
+        """A faster call for ``parts`` to publish in place of :meth:`build`'s later (run in the
+        background), or None where there is none."""
         ...
 
 
@@ -163,26 +183,32 @@ class _TorchBackend:
     def resident(self, key: Key, module: nn.Module) -> nn.Module:
         return module
 
-    def build(self, parts: Sequence[Any]) -> _Run:
+    def build(
+        self, parts: Sequence[Any], changed: Sequence[int], previous: Any
+    ) -> tuple[_Run, Any]:
         module = compose(self.decomposition, parts).eval()
 
         def run(x: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 return module(x)
 
-        return run
+        return run, None
+
+    def refine(self, parts: Sequence[Any]) -> _Run | None:
+        return None
 
 
 class _OrtBackend:
-    """ONNX Runtime: one session of ``design`` per selection (a live session is never swapped in
-    place). The frame and the descendants come from an ONNX export of the bank when one is given
-    (read, never exported again), else each is exported from torch once, when first loaded."""
+    """ONNX Runtime, in ``design`` (a live session is never swapped in place: a switch builds a new
+    one, sharing the unchanged blocks' sessions where the design chains them). The frame and the
+    descendants come from an ONNX export of the bank when one is given (read, never exported
+    again), else each is exported from torch once, when first loaded."""
 
     def __init__(
         self,
         bank: Bank,
         decomposition: Decomposition,
-        design: Design,
+        design: RuntimeDesign,
         threads: int,
         export: OnnxExport | None,
     ) -> None:
@@ -208,16 +234,32 @@ class _OrtBackend:
         example = (torch.zeros(1, *self.plan.blocks[key[0]].input_shape),)
         return export_onnx(module, example, name=f"{self.plan.model} block {key[0]}")
 
-    def build(self, parts: Sequence[Any]) -> _Run:
-        session = compose_session(self.frame, parts, design=self.design, threads=self.threads)
+    def build(
+        self, parts: Sequence[Any], changed: Sequence[int], previous: Any
+    ) -> tuple[_Run, Any]:
+        if self.design == "merged":
+            return _numpy_call(MergedSession(self.frame, parts, threads=self.threads)), None
+        if previous is None:
+            chain = ChainedSession(self.frame, parts, threads=self.threads)
+        else:
+            chain = previous.swapped({b: parts[b] for b in changed})
         # a chain's IO buffers are shared by its calls: one call at a time
-        call = _serialised(session) if self.design == "chained" else session
+        return _numpy_call(_serialised(chain)), chain
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            array = x.detach().cpu().numpy().astype(np.float32, copy=False)
-            return torch.from_numpy(call(array))
+    def refine(self, parts: Sequence[Any]) -> _Run | None:
+        if self.design != "adaptive":
+            return None
+        return _numpy_call(MergedSession(self.frame, parts, threads=self.threads))
 
-        return run
+
+def _numpy_call(fn: Callable[[np.ndarray], np.ndarray]) -> _Run:
+    """``fn`` of float32 arrays as a call of tensors."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().cpu().numpy().astype(np.float32, copy=False)
+        return torch.from_numpy(fn(array))
+
+    return run
 
 
 def _serialised(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -352,8 +394,13 @@ class Runtime:
         self._resident: dict[Key, Any] = {}
         self._cache = _Cache(self.config.cache_bytes)
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified when the refiner stops
         self._history: deque[SwitchReport] = deque(maxlen=self.config.history)
         self._live: _Live | None = None
+        self._pending: _Live | None = None  # the live model the refiner is to improve next
+        self._refining = False  # whether the refiner thread runs
+        self._refine_seconds = 0.0
+        self._refine_error: BaseException | None = None
         with self._lock:
             self._switch(time.perf_counter(), first, budget)
 
@@ -441,14 +488,74 @@ class Runtime:
                     loaded += size
                 else:
                     hits += 1
-            run = old.run if old is not None and not changed else self._backend.build(parts)
-            self._live = _Live(selection, budget, tuple(parts), run)
+            if old is not None and not changed:
+                self._live = replace(old, selection=selection, budget=budget)
+            else:
+                run, state = self._backend.build(parts, changed, None if old is None else old.state)
+                self._live = _Live(selection, budget, tuple(parts), run, state)
+                self._refine_later(self._live)
         finally:
             live = self._live.selection.choices if self._live is not None else ()
             self._cache.trim(set(enumerate(live)))
         report = SwitchReport(selection, budget, changed, loaded, hits, time.perf_counter() - start)
         self._history.append(report)
         return report
+
+    def _refine_later(self, live: _Live) -> None:
+        """Have the refiner thread improve ``live`` (lock held), starting it if it is idle; it
+        stops when nothing is pending, so an idle runtime holds no thread."""
+        if self.config.design != "adaptive" or self.target.backend != "onnxruntime":
+            return
+        self._pending = live
+        if not self._refining:
+            self._refining = True
+            threading.Thread(target=self._refine, name="blockscale-refine", daemon=True).start()
+
+    def _refine(self) -> None:
+        """Refiner thread: build the faster model of the latest live selection outside the lock
+        (switches go on meanwhile) and publish it if that selection is still live."""
+        while True:
+            with self._lock:
+                live, self._pending = self._pending, None
+                if live is None or self._refine_error is not None:
+                    self._refining = False
+                    self._settled.notify_all()
+                    return
+                if live is not self._live:  # superseded before it started
+                    continue
+            start = time.perf_counter()
+            try:
+                run = self._backend.refine(live.parts)
+            except BaseException as error:  # kept for settle() to raise; the chain serves on
+                with self._lock:
+                    self._refine_error = error
+                continue
+            with self._lock:
+                self._refine_seconds += time.perf_counter() - start
+                if run is not None and self._live is live:
+                    self._live = replace(live, run=run, refined=True)
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until no background refinement is pending or running (``adaptive`` design): then
+        the live model is the fastest one for its selection. False if ``timeout`` seconds passed
+        first; raises what a refinement raised (the chained model kept serving meanwhile)."""
+        with self._settled:
+            done = self._settled.wait_for(lambda: not self._refining, timeout)
+            if self._refine_error is not None:
+                error, self._refine_error = self._refine_error, None
+                raise BankError(
+                    f"merging the live selection in the background failed: {error}",
+                    hint="the chained model serves meanwhile; run with design='chained' to skip "
+                    "the merge, or report the bank and the selection",
+                ) from error
+            return done
+
+    @property
+    def refine_seconds(self) -> float:
+        """Seconds the background refiner has spent building merged sessions so far (the work a
+        switch leaves off its own path)."""
+        with self._lock:
+            return self._refine_seconds
 
     def _fetch(self, key: Key) -> tuple[Any, int]:
         """Descendant ``key`` as a part, and the bytes read from the bank for it (0 when the
@@ -629,6 +736,10 @@ class MultiRuntime:
             reports = {n: self._runtimes[n].set_selection(c) for n, c in picks.items()}
             self._budget = budget
             return MultiSwitchReport(budget, reports, time.perf_counter() - start)
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """:meth:`Runtime.settle` for every model (``timeout`` for each); False if any timed out."""
+        return all([r.settle(timeout) for r in self._runtimes.values()])
 
     def _joint(self, budget: Budget) -> dict[str, tuple[int, ...]]:
         chosen = self._selector.select(budget)
