@@ -132,6 +132,25 @@ def test_train_writes_a_checkpoint(tmp_path):
     assert inspected.exit_code == 0, inspected.output
 
 
+def test_train_passes_model_arguments_into_the_checkpoint(tmp_path):
+    from blockscale.models import load_checkpoint
+
+    out = tmp_path / "narrow.safetensors"
+    common = ("train", "-m", "resnet20", "--dataset", "synthetic", "--epochs", "1", "--limit", "32")
+    result = invoke(*common, "--model-arg", "width=4", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    model, meta = load_checkpoint(out)
+    assert meta["kwargs"]["width"] == 4
+    assert model.conv1.out_channels == 4
+    for bad, message in [
+        ("widht=4", "takes no argument 'widht'"),
+        ("width", "KEY=VALUE"),
+        ("num_classes=3", "fixed by the data set"),
+    ]:
+        refused = invoke(*common, "--model-arg", bad, "--out", tmp_path / "x.safetensors")
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+
+
 @pytest.fixture(scope="module")
 def built_bank(tmp_path_factory):
     """A synthetic-data teacher trained by `train`, built into a bank by `build`."""

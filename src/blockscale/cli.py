@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,6 +77,23 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _model_args(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items as keyword arguments; a value is read as JSON (numbers, booleans)
+    where it parses, else kept as text."""
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise typer.BadParameter(f"--model-arg takes KEY=VALUE, got {item!r}")
+        if key.strip() in ("in_channels", "num_classes"):
+            raise typer.BadParameter(f"{key.strip()} is fixed by the data set (--dataset)")
+        try:
+            args[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key.strip()] = value
+    return args
 
 
 def _block_names(text: str | None) -> tuple[str, ...] | None:
@@ -172,6 +190,14 @@ def train(
     limit: Annotated[
         int | None, typer.Option(help="Train on at most this many images (quick runs).")
     ] = None,
+    model_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-arg",
+            help="A model argument KEY=VALUE, e.g. width_mult=0.5 (repeat for several); "
+            "stored in the checkpoint.",
+        ),
+    ] = None,
     data_root: Annotated[Path | None, typer.Option(help="Folder holding the data set.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -185,7 +211,11 @@ def train(
         full = load_dataset(dataset, "train", root=data_root, augment=True)
         test_set = load_dataset(dataset, "test", root=data_root)
         train_set = subset(full, limit, seed=seed) if limit is not None else full
-        kwargs = {"in_channels": full.in_channels, "num_classes": full.num_classes}
+        kwargs = {
+            **_model_args(model_arg or ()),
+            "in_channels": full.in_channels,
+            "num_classes": full.num_classes,
+        }
         net = create_model(model, **kwargs)
         config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
         result = train_model(net, train_set, test_set, config, progress=not as_json)

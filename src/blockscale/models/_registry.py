@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import nn
 
-from blockscale.errors import UnknownModelError
+from blockscale.errors import ConfigError, UnknownModelError
 
 ModelFn = TypeVar("ModelFn", bound=Callable[..., nn.Module])
 
@@ -42,6 +43,13 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise UnknownModelError(
             f"unknown model {name!r}; known models: {', '.join(known)}", hint=hint
         ) from None
+    accepted = inspect.signature(fn).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"{name} takes no argument {', '.join(map(repr, unknown))}",
+            hint=f"its arguments: {', '.join(accepted)}",
+        )
     return fn(**kwargs)
 
 
