@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from blockscale.errors import UnknownModelError
+from blockscale.errors import ConfigError, UnknownModelError
 from blockscale.models import (
     BasicBlock,
     InvertedResidual,
@@ -63,6 +63,12 @@ def test_unknown_model_lists_names_and_suggests_closest() -> None:
     assert all(name in message for name in list_models())
     assert "did you mean 'resnet20'" in message
     assert isinstance(info.value, KeyError)
+
+
+def test_unknown_argument_is_named_with_the_ones_the_model_takes() -> None:
+    with pytest.raises(ConfigError, match=r"resnet20 takes no argument 'widht'") as info:
+        create_model("resnet20", widht=4)
+    assert "width" in info.value.hint
 
 
 def test_register_model_rejects_duplicate_names() -> None:

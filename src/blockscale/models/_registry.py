@@ -44,7 +44,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             f"unknown model {name!r}; known models: {', '.join(known)}", hint=hint
         ) from None
     accepted = inspect.signature(fn).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = [] if takes_any else sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ConfigError(
             f"{name} takes no argument {', '.join(map(repr, unknown))}",
