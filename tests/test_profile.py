@@ -334,6 +334,17 @@ def test_onnxruntime_target_adds_up_to_the_teacher(bank):
             assert (q.accuracy_drop, q.macs) == (p.accuracy_drop, p.macs)
 
 
+def test_an_int8_target_times_every_descendant(bank):
+    _, d, families, _, profiles = bank
+    copy = BankProfile.from_dict(profiles.to_dict())
+    extended = add_target(copy, d, families, Target.parse("ortq-1t"), FAST, progress=False)
+    assert extended.targets["ortq-1t"]["backend"] == "onnxruntime-int8"
+    assert extended.frame.latency_ms["ortq-1t"] >= 0
+    blocks = [p.latency_ms["ortq-1t"] for fam in extended.descendants for p in fam]
+    assert len(blocks) == sum(len(f) for f in families)
+    assert all(ms >= 0 for ms in blocks) and any(ms > 0 for ms in blocks)
+
+
 def test_validate_on_onnxruntime_times_selections_against_the_teacher(bank):
     _, d, families, data, profiles = bank
     copy = BankProfile.from_dict(profiles.to_dict())

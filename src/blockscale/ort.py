@@ -22,9 +22,11 @@ less often than that, so merged is the :data:`DEFAULT_DESIGN`.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -134,6 +136,24 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
+
+
+def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with int8 weights and activations quantised at run time (ONNX Runtime's
+    ``quantize_dynamic``), as an int8 deployment runs it; the quantiser works on files, so it
+    runs in a temporary directory."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="blockscale-int8-") as tmp:
+        out = Path(tmp) / "int8.onnx"
+        try:
+            quantize_dynamic(model, out, weight_type=QuantType.QInt8)
+            return onnx.load(out)
+        except Exception as exc:  # the quantiser raises bare exceptions of every kind
+            raise ExportError(
+                f"ONNX Runtime could not quantise {model.graph.name or 'the model'} to int8: {exc}",
+                hint="profile this bank on ort-Nt (float) instead of ortq-Nt",
+            ) from exc
 
 
 def inference_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
