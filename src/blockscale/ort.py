@@ -138,10 +138,21 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return options
 
 
+# what quantize_dynamic raises on a model it cannot quantise: its own ValueError, TypeError,
+# RuntimeError (NotImplementedError among them) and asserts, and onnx's shape inference errors
+_QUANTISER_ERRORS = (
+    ValueError,
+    TypeError,
+    RuntimeError,
+    AssertionError,
+    onnx.shape_inference.InferenceError,
+)
+
+
 def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with int8 weights and activations quantised at run time (ONNX Runtime's
-    ``quantize_dynamic``), as an int8 deployment runs it; the quantiser works on files, so it
-    runs in a temporary directory."""
+    """``model`` with int8 weights (QInt8, ONNX Runtime's choice for CPUs) and activations
+    quantised to uint8 at run time (``quantize_dynamic``), as an int8 deployment runs it; the
+    quantiser works on files, so it runs in a temporary directory."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="blockscale-int8-") as tmp:
@@ -149,7 +160,7 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             quantize_dynamic(model, out, weight_type=QuantType.QInt8)
             return onnx.load(out)
-        except Exception as exc:  # the quantiser raises bare exceptions of every kind
+        except _QUANTISER_ERRORS as exc:
             raise ExportError(
                 f"ONNX Runtime could not quantise {model.graph.name or 'the model'} to int8: {exc}",
                 hint="profile this bank on ort-Nt (float) instead of ortq-Nt",
