@@ -236,6 +236,7 @@ def test_select_on_an_unprofiled_target(built_bank):
     result = invoke("select", out, "--latency-ms", "5", "--target", "torch-2t")
     assert result.exit_code == 2
     assert "blockscale profile" in result.output
+    assert "blockscale calibrate" in result.output and "--proxy ort-1t" in result.output
 
 
 def test_profile_adds_a_target(built_bank, tmp_path):
