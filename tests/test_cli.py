@@ -236,6 +236,7 @@ def test_select_on_an_unprofiled_target(built_bank):
     result = invoke("select", out, "--latency-ms", "5", "--target", "torch-2t")
     assert result.exit_code == 2
     assert "blockscale profile" in result.output
+    assert "blockscale calibrate" in result.output and "--proxy ort-1t" in result.output
 
 
 def test_profile_adds_a_target(built_bank, tmp_path):
@@ -557,3 +558,30 @@ def test_trace_usage_errors(tmp_path, args, message):
     result = invoke("trace", "--out", tmp_path / "t.csv", *args)
     assert result.exit_code != 0
     assert message in " ".join(result.output.split())
+
+
+def test_calibrate_adds_a_predicted_target(tiny_bank, tmp_path):
+    copy = tmp_path / "bank"
+    shutil.copytree(tiny_bank, copy)
+    args = ("--proxy", "torch-1t", "--samples", "2", "--repeats", "2", "--warmup", "1")
+    result = invoke("calibrate", copy, *args, "--target", "torch-2t", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["measured"], summary["predicted"]) == (2, 4)
+    assert summary["fit"]["samples"] == 2
+    assert Bank.open(copy).profile.targets["torch-2t"]["predicted_from"] == "torch-1t"
+    shown = invoke("calibrate", copy, *args, "--target", "ort-1t", "--no-measure-frame")
+    assert shown.exit_code == 0, shown.output
+    assert "measured 2 descendants, predicted 4" in shown.stdout and "MAPE" in shown.stdout
+    assert "frame predicted" in shown.stdout
+    inspected = invoke("inspect", copy)
+    assert inspected.exit_code == 0, inspected.output
+    assert "predicted from torch-1t, 2 samples" in " ".join(inspected.stdout.split())
+    assert invoke("select", copy, "--latency-ms", "1000", "--target", "torch-2t").exit_code == 0
+
+
+def test_calibrate_from_an_unprofiled_proxy_is_a_clear_error(tiny_bank):
+    result = invoke("calibrate", tiny_bank, "--proxy", "ort-2t", "--target", "torch-2t")
+    assert result.exit_code == 2
+    assert "not profiled on the proxy 'ort-2t'" in result.output
+    assert "blockscale profile" in result.output and "Traceback" not in result.output

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from blockscale.data import load_dataset
 from blockscale.derive import derive
+from blockscale.errors import ConfigError
 from blockscale.extract import compose, extract
 from blockscale.profile import (
     GAMMAS,
@@ -31,6 +32,7 @@ from blockscale.profile import (
     profile,
     spearman,
     summarize_validation,
+    time_descendants,
     validate,
     weight_bytes,
     weighted_accuracy_errors,
@@ -332,6 +334,34 @@ def test_onnxruntime_target_adds_up_to_the_teacher(bank):
         for p, q in zip(before, after, strict=True):
             assert q.latency_ms["torch-1t"] == p.latency_ms["torch-1t"]
             assert (q.accuracy_drop, q.macs) == (p.accuracy_drop, p.macs)
+
+
+def test_an_int8_target_times_every_descendant(bank):
+    _, d, families, _, profiles = bank
+    copy = BankProfile.from_dict(profiles.to_dict())
+    extended = add_target(copy, d, families, Target.parse("ortq-1t"), FAST, progress=False)
+    assert extended.targets["ortq-1t"]["backend"] == "onnxruntime-int8"
+    assert extended.frame.latency_ms["ortq-1t"] >= 0
+    blocks = [p.latency_ms["ortq-1t"] for fam in extended.descendants for p in fam]
+    assert len(blocks) == sum(len(f) for f in families)
+    assert all(ms >= 0 for ms in blocks) and any(ms > 0 for ms in blocks)
+
+
+@pytest.mark.parametrize("name", ["torch-1t", "ort-1t"])
+def test_time_descendants_times_exactly_the_descendants_asked_for(bank, name):
+    _, d, families, _, _ = bank
+    only = {(0, 1), (1, 0), (1, 2)}
+    frame, latency = time_descendants(
+        d, families, Target.parse(name), FAST, only=only, frame=False, progress=False
+    )
+    assert frame is None and set(latency) == only
+    assert all(ms >= 0 for ms in latency.values())
+    frame, latency = time_descendants(
+        d, families, Target.parse(name), FAST, only={(0, 2)}, progress=False
+    )
+    assert frame is not None and frame >= 0 and set(latency) == {(0, 2)}
+    with pytest.raises(ConfigError, match=r"no descendants \[\(9, 0\)\]"):
+        time_descendants(d, families, Target(), FAST, only={(9, 0)}, progress=False)
 
 
 def test_validate_on_onnxruntime_times_selections_against_the_teacher(bank):

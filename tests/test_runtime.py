@@ -222,6 +222,19 @@ def test_unknown_target_and_bad_inputs_are_refused(bank):
         RuntimeConfig(design="parallel")
 
 
+def test_an_int8_target_is_profiled_not_served(bank, tmp_path):
+    shutil.copytree(bank.path, tmp_path / "bank")
+    copy = Bank.open(tmp_path / "bank")
+    profiles = copy.profile
+    for p in [profiles.frame, *(p for fam in profiles.descendants for p in fam)]:
+        p.latency_ms["ortq-1t"] = p.latency_ms["ort-1t"]
+    profiles.targets["ortq-1t"] = Target.parse("ortq-1t").to_dict()
+    copy.update(profiles=profiles.to_dict())
+    with pytest.raises(ConfigError, match="profiles latency only") as info:
+        Runtime(copy, "ortq-1t")
+    assert "ort-1t" in info.value.hint
+
+
 @pytest.mark.parametrize(
     ("target", "design"),
     [("torch-1t", "merged"), ("ort-1t", "merged"), ("ort-1t", "chained"), ("ort-1t", "adaptive")],

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -11,7 +12,13 @@ from blockscale.targets import Target, machine
 
 @pytest.mark.parametrize("threads", [1, 2, 16])
 @pytest.mark.parametrize(
-    ("backend", "short"), [("torch", "torch"), ("onnxruntime", "ort"), ("tflite", "tflite")]
+    ("backend", "short"),
+    [
+        ("torch", "torch"),
+        ("onnxruntime", "ort"),
+        ("onnxruntime-int8", "ortq"),
+        ("tflite", "tflite"),
+    ],
 )
 def test_parse_round_trip(backend, short, threads):
     target = Target(backend, threads)
@@ -159,6 +166,56 @@ def test_runners_run_the_composed_selection(backend):
         for info, block in zip(d.plan.blocks, d.blocks, strict=True):
             assert _array(runner.block(block, info.input_shape)()).shape == (1, *info.output_shape)
             assert _array(runner.idle(info.input_shape)()).shape == (1, *info.input_shape)
+
+
+def test_ortq_names_the_int8_backend():
+    assert Target.parse("ortq-2t").name == "ortq-2t"
+    assert Target.parse("ORTQ-1t") == Target("onnxruntime-int8", 1)
+
+
+def test_a_quantised_conv_block_has_int8_weights_and_runs_close_to_float():
+    from blockscale.export import export_onnx
+    from blockscale.ort import inference_session, quantize_int8
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 3, padding=1))
+    x = torch.randn(1, 4, 8, 8)
+    model = export_onnx(block.eval(), (x,), name="convs")
+    quantised = quantize_int8(model)
+    kinds = {t.data_type for t in quantised.graph.initializer}
+    assert kinds & {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    assert not {t.data_type for t in model.graph.initializer} & {onnx.TensorProto.INT8}
+    feed = {"x": x.numpy()}
+    (floats,) = inference_session(model).run(None, feed)
+    (ints,) = inference_session(quantised).run(None, feed)
+    scale = np.abs(floats).max()
+    assert np.abs(ints - floats).max() < 0.1 * scale  # int8 rounding, far from unrelated output
+    assert np.corrcoef(ints.ravel(), floats.ravel())[0, 1] > 0.99
+
+
+def test_a_model_the_quantiser_cannot_read_is_a_typed_error():
+    from blockscale.errors import ExportError
+    from blockscale.ort import quantize_int8
+
+    broken = onnx.helper.make_model(
+        onnx.helper.make_graph([onnx.helper.make_node("NoSuchOp", ["x"], ["y"])], "g", [], [])
+    )
+    with pytest.raises(ExportError, match="quantise") as info:
+        quantize_int8(broken)
+    assert "ort-Nt" in info.value.hint
+
+
+def test_the_int8_runner_runs_the_composed_selection_close_to_float():
+    from blockscale.extract import compose
+
+    d = _decomposition()
+    runner = Target.parse("ortq-1t").runner(d)
+    x = torch.as_tensor(runner.x)
+    with torch.inference_mode():
+        expected = compose(d, d.blocks)(x).numpy()
+    got = _array(runner.model(d.blocks)())
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 0.2 * np.abs(expected).max() + 1e-3
 
 
 def test_tflite_target_without_the_extra_says_what_to_install(monkeypatch):

@@ -126,7 +126,9 @@ class Bank:
         if target not in targets:
             raise ProfileError(
                 f"the bank was not profiled on {target!r}; it was on {', '.join(targets)}",
-                hint=f"measure it: blockscale profile {self.path} --target {target}",
+                hint=f"measure it: blockscale profile {self.path} --target {target}, or predict "
+                f"it from a few timings there: blockscale calibrate {self.path} --proxy "
+                f"{targets[0]} --target {target}",
             )
         return target
 

@@ -438,12 +438,17 @@ def _show_profile(bank: Any) -> None:
     """Tables of accuracy drop and latency per descendant, and the estimate's validation."""
     profiles = bank.profile
     sparsities = bank.derive_config.sparsities
-    for target in profiles.targets:
+    for target, record in profiles.targets.items():
+        source = (
+            f" (predicted from {record['predicted_from']}, {record['samples']} samples)"
+            if "predicted_from" in record
+            else ""
+        )
         table = Table(
             "#",
             "block",
             *[f"s={s:g}" for s in sparsities],
-            title=f"accuracy drop (points) / latency (ms) on {target}",
+            title=f"accuracy drop (points) / latency (ms) on {target}{source}",
         )
         for info, family in zip(bank.plan.blocks, profiles.descendants, strict=True):
             cells = [
@@ -686,6 +691,65 @@ def profile_cmd(
 
     opened = _run(run)
     _show_bank(opened, as_json)
+
+
+@app.command()
+def calibrate(
+    bank: Annotated[Path, typer.Argument(help="Bank directory.")],
+    proxy: Annotated[str, typer.Option(help="A target the bank was profiled on, e.g. ort-1t.")],
+    target: Annotated[str, typer.Option(help="The target to predict, e.g. ortq-2t.")],
+    samples: Annotated[int, typer.Option(help="Descendants to time on the target.")] = 10,
+    repeats: Annotated[int, typer.Option(help="Timed runs per module (median).")] = 30,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before each round.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled descendants.")] = 0,
+    measure_frame: Annotated[
+        bool,
+        typer.Option(
+            "--measure-frame/--no-measure-frame",
+            help="Time the frame on the target (else predict it from the proxy's).",
+        ),
+    ] = True,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the target's latencies if the bank has them.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a target's latencies from a few descendants timed there, the rest predicted from a
+    profiled proxy target (nothing is retrained)."""
+    from .bank import Bank
+    from .profile import ProfileConfig
+    from .transfer import calibrate as calibrate_bank
+
+    def run() -> Any:
+        return calibrate_bank(
+            Bank.open(bank),
+            proxy,
+            target,
+            samples,
+            ProfileConfig(repeats=repeats, warmup=warmup),
+            seed=seed,
+            measure_frame=measure_frame,
+            overwrite=overwrite,
+            progress=not as_json,
+        )
+
+    summary = _run(run)
+
+    def render() -> None:
+        fit = summary["fit"]
+        mape = summary["in_sample_mape_percent"]
+        _out.print(
+            f"{summary['target']}: measured {summary['measured']} descendants, predicted "
+            f"{summary['predicted']} from {summary['proxy']}; frame "
+            f"{'measured' if summary['measured_frame'] else 'predicted'} "
+            f"({summary['frame_ms']:.3f} ms)"
+        )
+        _out.print(
+            f"fit: log ms = {fit['intercept']:.3f} + {fit['slope']:.3f} x log proxy ms; "
+            f"in-sample MAPE {'n/a' if mape is None else f'{mape:.1f}%'}"
+        )
+
+    _emit(summary, as_json, render)
 
 
 def _budget(latency_ms: float | None, memory_mb: float | None) -> Any:

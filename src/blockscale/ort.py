@@ -22,9 +22,11 @@ less often than that, so merged is the :data:`DEFAULT_DESIGN`.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -134,6 +136,35 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
+
+
+# what quantize_dynamic raises on a model it cannot quantise: its own ValueError, TypeError,
+# RuntimeError (NotImplementedError among them) and asserts, and onnx's shape inference errors
+_QUANTISER_ERRORS = (
+    ValueError,
+    TypeError,
+    RuntimeError,
+    AssertionError,
+    onnx.shape_inference.InferenceError,
+)
+
+
+def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with int8 weights (QInt8, ONNX Runtime's choice for CPUs) and activations
+    quantised to uint8 at run time (``quantize_dynamic``), as an int8 deployment runs it; the
+    quantiser works on files, so it runs in a temporary directory."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="blockscale-int8-") as tmp:
+        out = Path(tmp) / "int8.onnx"
+        try:
+            quantize_dynamic(model, out, weight_type=QuantType.QInt8)
+            return onnx.load(out)
+        except _QUANTISER_ERRORS as exc:
+            raise ExportError(
+                f"ONNX Runtime could not quantise {model.graph.name or 'the model'} to int8: {exc}",
+                hint="profile this bank on ort-Nt (float) instead of ortq-Nt",
+            ) from exc
 
 
 def inference_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:

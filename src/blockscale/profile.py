@@ -481,6 +481,9 @@ def _frame_activation(decomposition: Decomposition) -> int:
     return peak_activation_bytes(decomposition.frame, decomposition.plan.input_shape)
 
 
+Key = tuple[int, int]  # (block, index) of a descendant
+
+
 def add_target(
     bank_profile: BankProfile,
     decomposition: Decomposition,
@@ -490,7 +493,32 @@ def add_target(
     *,
     progress: bool = True,
 ) -> BankProfile:
-    """Measure latency on ``target`` and add it to the profiles (nothing is retrained).
+    """Measure latency on ``target`` and add it to the profiles (nothing is retrained); see
+    :func:`time_descendants` for how."""
+    frame_ms, latency = time_descendants(
+        decomposition, descendants, target, config, progress=progress
+    )
+    assert frame_ms is not None
+    bank_profile.frame.latency_ms[target.name] = frame_ms
+    for family, profiles in zip(descendants, bank_profile.descendants, strict=True):
+        for d, p in zip(family, profiles, strict=True):
+            p.latency_ms[target.name] = latency[d.info.block, d.info.index]
+    bank_profile.targets[target.name] = target.to_dict()
+    return bank_profile
+
+
+def time_descendants(
+    decomposition: Decomposition,
+    descendants: Sequence[Sequence[Descendant]],
+    target: Target,
+    config: ProfileConfig | None = None,
+    *,
+    only: set[Key] | None = None,
+    frame: bool = True,
+    progress: bool = True,
+) -> tuple[float | None, dict[Key, float]]:
+    """The frame's latency on ``target`` (None without ``frame``) and that of each descendant
+    whose (block, index) is in ``only`` (default: every one), in ms.
 
     In torch eager each descendant is timed in its
     block's slot of the teacher (its own span, read by hooks), under the conditions it meets in a
@@ -498,14 +526,16 @@ def add_target(
     seams to time at, so there each descendant is timed alone (see ``_alone_latency``).
     """
     config = config or ProfileConfig()
+    every = {(d.info.block, d.info.index) for family in descendants for d in family}
+    wanted = every if only is None else set(only)
+    if wanted - every:
+        raise ConfigError(
+            f"no descendants {sorted(wanted - every)} in this bank",
+            hint="name descendants as (block, index) pairs of the bank's families",
+        )
     measure = _slot_latency if target.backend == "torch" else _alone_latency
-    frame_ms, latency = measure(decomposition, descendants, target, config, progress)
-    bank_profile.frame.latency_ms[target.name] = frame_ms
-    for family, profiles in zip(descendants, bank_profile.descendants, strict=True):
-        for d, p in zip(family, profiles, strict=True):
-            p.latency_ms[target.name] = latency[d.info.block][d.info.index]
-    bank_profile.targets[target.name] = target.to_dict()
-    return bank_profile
+    frame_ms, latency = measure(decomposition, descendants, target, config, wanted, frame, progress)
+    return (frame_ms if frame else None), {key: latency[key] for key in wanted}
 
 
 def _slot_latency(
@@ -513,16 +543,25 @@ def _slot_latency(
     descendants: Sequence[Sequence[Descendant]],
     target: Target,
     config: ProfileConfig,
+    wanted: set[Key],
+    frame: bool,
     progress: bool,
-) -> tuple[float, list[list[float]]]:
-    """Torch eager: each descendant's own time in its slot (forward hooks), the frame's as the
-    teacher's minus its blocks'."""
+) -> tuple[float, dict[Key, float]]:
+    """Torch eager: each wanted descendant's own time in its slot (forward hooks), the frame's
+    as the teacher's minus its blocks'. The teacher runs when the frame or an unpruned
+    descendant is wanted."""
     plan = decomposition.plan
-    teacher = compose(decomposition, decomposition.blocks)
-    runs = [(teacher, list(decomposition.blocks), None)]
+    runs = []
+    unpruned = {
+        (d.info.block, d.info.index) for f in descendants for d in f if d.info.sparsity == 0
+    }
+    if frame or wanted & unpruned:
+        runs.append(
+            (compose(decomposition, decomposition.blocks), list(decomposition.blocks), None)
+        )
     for info, family in zip(plan.blocks, descendants, strict=True):
         for d in family:
-            if d.info.sparsity > 0:
+            if d.info.sparsity > 0 and (info.index, d.info.index) in wanted:
                 blocks = list(decomposition.blocks)
                 blocks[info.index] = d.module
                 runs.append(
@@ -543,12 +582,12 @@ def _slot_latency(
                     store.extend(new)
                 advance()
     median = statistics.median
+    latency = {key: median(samples[r][1]) for r, (_, _, key) in enumerate(runs) if key}
+    if not runs or runs[0][2] is not None:  # the teacher did not run
+        return 0.0, latency
     whole, *inside = (median(s) for s in samples[0])
-    by_key = {key: median(samples[r][1]) for r, (_, _, key) in enumerate(runs) if key}
-    latency = [
-        [by_key.get((info.index, d.info.index), inside[info.index]) for d in family]
-        for info, family in zip(plan.blocks, descendants, strict=True)
-    ]
+    for key in wanted & unpruned:
+        latency[key] = inside[key[0]]
     return max(0.0, whole - sum(inside)), latency
 
 
@@ -557,45 +596,58 @@ def _alone_latency(
     descendants: Sequence[Sequence[Descendant]],
     target: Target,
     config: ProfileConfig,
+    wanted: set[Key],
+    frame: bool,
     progress: bool,
-) -> tuple[float, list[list[float]]]:
-    """A compiled backend: every descendant timed alone in its own session, less what a session
-    doing nothing costs per call on the same input; the frame's latency is the teacher's (one
-    optimised graph) minus its blocks'. All timed round-robin in one pass.
+) -> tuple[float, dict[Key, float]]:
+    """A compiled backend: every wanted descendant timed alone in its own session, less what a
+    session doing nothing costs per call on the same input; the frame's latency is the teacher's
+    (one optimised graph) minus its blocks'. All timed round-robin in one pass.
 
     A compiled selection has no seams to time a slot at, and differences of whole-teacher timings
     are too noisy for blocks this small; timed alone, a descendant keeps its own optimisations and
     only loses those that span block boundaries, which the frame's share absorbs.
     """
     plan = decomposition.plan
+    teacher = {
+        (info.index, family[0].info.index)
+        for info, family in zip(plan.blocks, descendants, strict=True)
+    }
+    timed = wanted | teacher if frame else wanted
+    chosen = [
+        (info, d)
+        for info, family in zip(plan.blocks, descendants, strict=True)
+        for d in family
+        if (info.index, d.info.index) in timed
+    ]
     with progress_bar(f"compile for {target.name}", 1, enabled=progress) as advance:
         runner = target.runner(decomposition)
         advance()
-    shapes = sorted({info.input_shape for info in plan.blocks})
-    total = 1 + len(shapes) + sum(len(f) for f in descendants)
+    shapes = sorted({info.input_shape for info, _ in chosen})
+    total = int(frame) + len(shapes) + len(chosen)
     with progress_bar(f"build {target.name} sessions", total, enabled=progress) as advance:
-        calls = [runner.model(decomposition.blocks)]
+        calls = [runner.model(decomposition.blocks)] if frame else []
         for shape in shapes:
             calls.append(runner.idle(shape))
             advance()
-        for info, family in zip(plan.blocks, descendants, strict=True):
-            for d in family:
-                calls.append(runner.block(d.module, info.input_shape))
-                advance()
+        for info, d in chosen:
+            calls.append(runner.block(d.module, info.input_shape))
+            advance()
     with progress_bar(f"latency on {target.name}", 1, enabled=progress) as advance:
         spans = target.time_calls(
             calls, warmup=config.warmup, repeats=config.repeats, rounds=config.rounds
         )
         advance()
     medians = iter(statistics.median(s) for s in spans)
-    whole = next(medians)
+    whole = next(medians) if frame else 0.0
     idle = {shape: next(medians) for shape in shapes}
-    latency = [
-        [max(0.0, next(medians) - idle[info.input_shape]) for _ in family]
-        for info, family in zip(plan.blocks, descendants, strict=True)
-    ]
-    teacher_blocks = sum(family[0] for family in latency)
-    return max(0.0, whole - teacher_blocks), latency
+    latency = {
+        (info.index, d.info.index): max(0.0, next(medians) - idle[info.input_shape])
+        for info, d in chosen
+    }
+    if not frame:
+        return 0.0, latency
+    return max(0.0, whole - sum(latency[key] for key in teacher)), latency
 
 
 def estimate(bank_profile: BankProfile, choices: Sequence[int], target: str) -> dict[str, float]:

@@ -364,6 +364,11 @@ class Runtime:
                 "the runtime runs torch and onnxruntime targets, not tflite",
                 hint="profile the bank on ort-Nt or torch-Nt and run the runtime there",
             )
+        if self.target.backend == "onnxruntime-int8":
+            raise ConfigError(
+                f"{self.target.name} profiles latency only; the runtime serves float models",
+                hint=f"serve on ort-{self.target.threads}t (profile the bank there if needed)",
+            )
         budget = budget or Budget()
         first = bank.select(budget, name)  # an infeasible budget fails before anything loads
         decomposition = bank.decomposition(frame)

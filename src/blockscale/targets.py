@@ -1,7 +1,9 @@
 """Targets: where latency is measured. A target names a backend, its thread count and the machine.
 
 Backends: ``torch`` (eager), ``onnxruntime`` (``ort-Nt``: the selection exported to ONNX and
-spliced into one graph, as :mod:`blockscale.ort` deploys it) and ``tflite`` (LiteRT with its
+spliced into one graph, as :mod:`blockscale.ort` deploys it), ``onnxruntime-int8`` (``ortq-Nt``:
+the same with every part quantised to int8 weights by :func:`blockscale.ort.quantize_int8`, for
+the latency of an int8 deployment; profiled only, not served) and ``tflite`` (LiteRT with its
 XNNPACK delegate, the optional ``blockscale[tflite]`` extra; see :mod:`blockscale.tflite`). Latency is measured at batch 1 after a
 warm-up, as the median of repeated runs in round-robin turns: the median resists the outliers of a
 shared, noisy machine, and the turns spread its drift over every model alike.
@@ -28,11 +30,19 @@ from . import tflite
 from .errors import BlockscaleError
 from .export import OPSET, export_frame, export_onnx
 from .extract import Decomposition, compose
-from .ort import BLOCK_INPUT, BLOCK_OUTPUT, MergedSession, inference_session
+from .ort import (
+    BLOCK_INPUT,
+    BLOCK_OUTPUT,
+    MergedSession,
+    OnnxFrame,
+    OnnxPiece,
+    inference_session,
+    quantize_int8,
+)
 
-_NAME = re.compile(r"^(?P<backend>[a-z]+)-(?P<threads>\d+)t$")
+_NAME = re.compile(r"^(?P<backend>[a-z]+(?:-[a-z0-9]+)*)-(?P<threads>\d+)t$")
 # backend -> the short name targets are written with
-BACKENDS = {"torch": "torch", "onnxruntime": "ort", "tflite": "tflite"}
+BACKENDS = {"torch": "torch", "onnxruntime": "ort", "onnxruntime-int8": "ortq", "tflite": "tflite"}
 _BY_NAME = {short: backend for backend, short in BACKENDS.items()} | {b: b for b in BACKENDS}
 
 
@@ -112,7 +122,7 @@ class Target:
             return _TorchRunner(decomposition)
         if self.backend == "tflite":
             return _TFLiteRunner(decomposition, self.threads)
-        return _OrtRunner(decomposition, self.threads)
+        return _OrtRunner(decomposition, self.threads, quantize=self.backend == "onnxruntime-int8")
 
     def time_calls(
         self,
@@ -228,12 +238,25 @@ class _TorchRunner:
 
 class _OrtRunner:
     """ONNX Runtime: the frame exported once as pieces, each block once, spliced per selection
-    into one graph (:class:`blockscale.ort.MergedSession`, the deployed design)."""
+    into one graph (:class:`blockscale.ort.MergedSession`, the deployed design); with
+    ``quantize`` every piece and block is quantised to int8 once exported."""
 
-    def __init__(self, decomposition: Decomposition, threads: int) -> None:
+    def __init__(
+        self, decomposition: Decomposition, threads: int, *, quantize: bool = False
+    ) -> None:
         self.decomposition = decomposition
         self.threads = threads
-        self.frame = export_frame(decomposition)
+        self.quantize = quantize
+        frame = export_frame(decomposition)
+        if quantize:
+            frame = OnnxFrame(
+                frame.input,
+                tuple(
+                    OnnxPiece(p.wiring, None if p.model is None else quantize_int8(p.model))
+                    for p in frame.pieces
+                ),
+            )
+        self.frame = frame
         self.x = np.random.default_rng(0).standard_normal(
             (1, *decomposition.plan.input_shape), dtype=np.float32
         )
@@ -246,7 +269,8 @@ class _OrtRunner:
         key = id(module)
         if key not in self._models:
             example = (torch.zeros(1, *input_shape),)
-            self._models[key] = (module, export_onnx(module, example, name=type(module).__name__))
+            model = export_onnx(module, example, name=type(module).__name__)
+            self._models[key] = (module, quantize_int8(model) if self.quantize else model)
         return self._models[key][1]
 
     def model(self, blocks: Sequence[nn.Module]) -> Callable[[], object]:
