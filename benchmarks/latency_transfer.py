@@ -1,0 +1,379 @@
+"""Latency on targets never measured: proxy transfer and the scalable predictor, measured.
+
+On the estimate-fidelity bank (ResNet-20, 9 blocks x 6 descendants; ``estimate_fidelity.py``
+builds it), in one run:
+
+- every descendant is timed on every target (torch and ONNX Runtime at 1 and 2 threads, ONNX
+  Runtime int8 at 1 and 2, TFLite with ``--tflite``); the rank agreement (Spearman) of block
+  latencies between every pair of targets, drawn as a heat map;
+- ``--selections`` random selections, the same on every target, are measured end to end there, in
+  round-robin turns with the teacher;
+- proxy transfer: for every target but the proxy and every k in ``--k``, k descendants (and the
+  frame) taken as measured on the target, every other descendant predicted by calibrating the
+  proxy's numbers (``blockscale.transfer``, what ``blockscale calibrate`` does); Spearman and MAPE
+  of the predicted latency of every measured selection;
+- selection on predicted numbers: at budgets of 30% to 100% of the teacher's measured latency on
+  each target, the pick from the prediction at k = ``--select-k``, measured there (does it meet the
+  budget?) and against the pick from the target's full profile (estimated accuracy lost);
+- the scalable predictor (target features and descendant features to latency), leave one target
+  out: each target predicted from the others and its probe-block signature alone;
+- an amortised optimizer (nearest known target by signature, its stored exact picks per budget
+  fraction) against the exact selector on the predicted numbers: time per new target and query,
+  optimality gap, budget violations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from matplotlib.figure import Figure
+
+from blockscale import Bank
+from blockscale.errors import InfeasibleBudgetError
+from blockscale.profile import ProfileConfig, add_target, estimate, spearman
+from blockscale.select import CostTable, solve
+from blockscale.targets import Target, machine
+from blockscale.transfer import (
+    LatencyPredictor,
+    TargetSignature,
+    choose_samples,
+    descendant_features,
+    leave_one_target_out,
+    predict_target,
+    probe_keys,
+    profile_rows,
+)
+from blockscale.types import Budget
+
+FRACTIONS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bank", default="benchmarks/results/fidelity-bank")
+    parser.add_argument("--proxy", default="ort-2t")
+    parser.add_argument("--tflite", action="store_true", help="also profile tflite-1t")
+    parser.add_argument("--selections", type=int, default=30)
+    parser.add_argument("--k", default="0,5,10,20")
+    parser.add_argument("--select-k", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--reprofile", action="store_true", help="time targets already profiled")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-json", default="benchmarks/results/latency_transfer.json")
+    args = parser.parse_args()
+    ks = [int(k) for k in args.k.split(",")]
+    bank = Bank.open(args.bank)
+    decomposition, descendants = bank.decomposition(), bank.load_descendants()
+    names = ["torch-1t", "torch-2t", "ort-1t", "ort-2t", "ortq-1t", "ortq-2t"]
+    names += ["tflite-1t"] if args.tflite else []
+    profiles = bank.profile
+    measure = ProfileConfig()
+    for name in names:
+        if args.reprofile or name not in profiles.targets:
+            profiles = add_target(profiles, decomposition, descendants, Target.parse(name), measure)
+    bank.update(profiles=profiles.to_dict())
+    bank = Bank.open(args.bank)
+    keys = [(b, d) for b, family in enumerate(profiles.descendants) for d in range(len(family))]
+
+    def block_ms(name: str) -> list[float]:
+        return [profiles.descendants[b][d].latency_ms[name] for b, d in keys]
+
+    rank = {a: {b: spearman(block_ms(a), block_ms(b)) for b in names} for a in names}
+    rng = random.Random(args.seed)
+    selections = [[0] * len(descendants)] + [
+        [rng.randrange(len(f)) for f in descendants] for _ in range(args.selections)
+    ]
+    measured = {
+        name: _measure(decomposition, descendants, selections, name, args) for name in names
+    }
+
+    def selection_ms(latency: dict[tuple[int, int], float], frame: float) -> np.ndarray:
+        return np.array([frame + sum(latency[(b, d)] for b, d in enumerate(c)) for c in selections])
+
+    transfer = {}
+    for name in names:
+        if name == args.proxy:
+            continue
+        truth = np.array(measured[name]["ms"])
+        rows = {}
+        for k in ks:
+            predicted, frame = _predict(profiles, keys, args.proxy, name, k, args.seed)
+            estimate_ms = selection_ms(predicted, frame)
+            rows[k] = _agreement(estimate_ms, truth)
+        full = {key: profiles.descendants[key[0]][key[1]].latency_ms[name] for key in keys}
+        rows["measured profile"] = _agreement(
+            selection_ms(full, profiles.frame.latency_ms[name]), truth
+        )
+        transfer[name] = rows
+    picks = {
+        name: _picks(bank, profiles, keys, decomposition, descendants, args, name)
+        for name in names
+        if name != args.proxy
+    }
+    predictor = _loto(bank, profiles, names, measured, selection_ms)
+    amortised = _amortised(bank, profiles, keys, names, args)
+    summary = _summary(transfer, picks, predictor, args)
+    out = {
+        "command": "python benchmarks/latency_transfer.py "
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if k != "out_json" and v is not False
+        ),
+        "machine": machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "date": date.today().isoformat(),
+        "targets": names,
+        "summary": summary,
+        "block_latency_spearman": rank,
+        "transfer": {t: {str(k): v for k, v in rows.items()} for t, rows in transfer.items()},
+        "selection_on_predicted": picks,
+        "predictor_leave_one_target_out": predictor,
+        "amortised_optimizer": amortised,
+        "measured_selections": {name: {"choices": selections, **m} for name, m in measured.items()},
+    }
+    path = Path(args.out_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    _heat_map(rank, names, path.with_name("latency_transfer_spearman.png"))
+    print(json.dumps({"summary": summary, "amortised_optimizer": amortised["summary"]}, indent=2))
+
+
+def _measure(decomposition, descendants, selections, name, args) -> dict[str, list[float]]:
+    """Every selection timed end to end on ``name``, the teacher (selection 0) in the same turns."""
+    target = Target.parse(name)
+    runner = target.runner(decomposition)
+    calls = [runner.model([descendants[b][d].module for b, d in enumerate(c)]) for c in selections]
+    spans = target.time_calls(calls, warmup=5, repeats=args.repeats, rounds=5)
+    ms = [statistics.median(s) for s in spans]
+    return {"ms": ms, "relative": [m / ms[0] for m in ms]}
+
+
+def _predict(profiles, keys, proxy, name, k, seed):
+    """Every descendant's latency on ``name`` from the proxy's and k of its own (and its frame,
+    when k > 0); k = 0 gives the proxy's numbers as they are."""
+    proxy_ms = {key: profiles.descendants[key[0]][key[1]].latency_ms[proxy] for key in keys}
+    sampled = {
+        key: profiles.descendants[key[0]][key[1]].latency_ms[name]
+        for key in choose_samples(profiles, proxy, k, seed)
+    }
+    predicted = predict_target(proxy_ms, sampled)
+    frame = profiles.frame.latency_ms[name if k else proxy]
+    return predicted, frame
+
+
+def _agreement(estimate_ms: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Rank agreement and error of predicted selection latencies, absolute and relative to the
+    teacher (selection 0) on each side, which cancels the machine's drift between the runs."""
+    relative_estimate, relative_truth = estimate_ms / estimate_ms[0], truth / truth[0]
+    return {
+        "spearman": spearman(estimate_ms[1:], truth[1:]),
+        "mape_percent": float(100 * np.mean(np.abs(estimate_ms[1:] / truth[1:] - 1))),
+        "relative_mape_percent": float(
+            100 * np.mean(np.abs(relative_estimate[1:] / relative_truth[1:] - 1))
+        ),
+    }
+
+
+def _table(bank: Bank, latency: dict[tuple[int, int], float], frame: float, like: str) -> CostTable:
+    """The bank's cost table on ``like`` with the latencies replaced."""
+    table = bank.cost_table(like)
+    grid = np.array(table.latency_ms)
+    for (b, d), ms in latency.items():
+        grid[b, d] = ms
+    return dataclasses.replace(table, latency_ms=grid, frame_latency_ms=frame)
+
+
+def _picks(bank, profiles, keys, decomposition, descendants, args, name) -> list[dict]:
+    """Picks from the k = --select-k prediction and from the full profile at each budget
+    fraction of the teacher's measured latency, all measured on ``name`` in one pass."""
+    predicted, frame = _predict(profiles, keys, args.proxy, name, args.select_k, args.seed)
+    table = _table(bank, predicted, frame, name)
+    rows, chosen = [], set()
+    for fraction in FRACTIONS:
+        row: dict = {"fraction": fraction}
+        for source, source_table in (("predicted", table), ("profiled", bank.cost_table(name))):
+            teacher_ms = estimate(profiles, [0] * len(descendants), name)["latency_ms"]
+            try:
+                pick = solve(source_table, Budget(latency_ms=fraction * teacher_ms))
+            except InfeasibleBudgetError:
+                row[source] = None
+                continue
+            row[source] = {
+                "choices": list(pick.choices),
+                "accuracy": estimate(profiles, pick.choices, name)["accuracy"],
+            }
+            chosen.add(tuple(pick.choices))
+        rows.append(row)
+    unique = [tuple([0] * len(descendants)), *sorted(chosen)]
+    timed = _measure(decomposition, descendants, unique, name, args)
+    ratio = dict(zip(unique, timed["relative"], strict=True))
+    for row in rows:
+        for source in ("predicted", "profiled"):
+            if row[source] is not None:
+                r = ratio[tuple(row[source]["choices"])]
+                row[source].update(measured_ratio=r, meets_budget=r <= row["fraction"] * 1.02)
+        both = row["predicted"] is not None and row["profiled"] is not None
+        row["accuracy_lost_points"] = (
+            100 * (row["profiled"]["accuracy"] - row["predicted"]["accuracy"]) if both else None
+        )
+    return rows
+
+
+def _loto(bank, profiles, names, measured, selection_ms) -> dict:
+    """The scalable predictor, each target held out in turn: per-descendant and per-selection
+    agreement with what was measured there."""
+    features, probes = descendant_features(bank), probe_keys(bank)
+    result = leave_one_target_out(profiles, features, names, probes=probes)
+    for name in names:
+        others = [n for n in names if n != name]
+        model = LatencyPredictor.fit(profile_rows(profiles, features, others, probes))
+        predicted = model.predict(TargetSignature.of(profiles, name, probes), features)
+        frame = profiles.frame.latency_ms[name]
+        truth = np.array(measured[name]["ms"])
+        result[name]["selections"] = _agreement(selection_ms(predicted, frame), truth)
+    return result
+
+
+def _amortised(bank, profiles, keys, names, args) -> dict:
+    """Nearest known target by probe signature, its exact picks stored per budget fraction,
+    against solving exactly on the new target's predicted numbers."""
+    probes = probe_keys(bank)
+
+    def signature(name: str) -> np.ndarray:
+        return np.log([profiles.descendants[b][d].latency_ms[name] for b, d in probes])
+
+    grid = np.round(np.arange(0.30, 1.0001, 0.01), 2)
+    stored = {}
+    for name in names:
+        table = bank.cost_table(name)
+        teacher = table.frame_latency_ms + float(table.latency_ms[:, 0].sum())
+        stored[name] = {}
+        for f in grid:
+            try:
+                stored[name][f] = solve(table, Budget(latency_ms=f * teacher)).choices
+            except InfeasibleBudgetError:
+                stored[name][f] = None
+    rows, exact_times, lookup_times = [], [], []
+    for name in names:
+        if name == args.proxy:
+            continue
+        predicted, frame = _predict(profiles, keys, args.proxy, name, args.select_k, args.seed)
+        start = time.perf_counter()
+        table = _table(bank, predicted, frame, name)
+        build_seconds = time.perf_counter() - start
+        teacher = table.frame_latency_ms + float(table.latency_ms[:, 0].sum())
+        nearest = min(
+            (n for n in names if n != name),
+            key=lambda n: float(np.linalg.norm(signature(n) - signature(name))),
+        )
+        for f in FRACTIONS:
+            budget = Budget(latency_ms=f * teacher)
+            start = time.perf_counter()
+            try:
+                exact = solve(table, budget)
+            except InfeasibleBudgetError:
+                exact = None
+            exact_times.append(build_seconds + time.perf_counter() - start)
+            start = time.perf_counter()
+            fits = [g for g in grid if g <= f + 1e-9 and stored[nearest][g] is not None]
+            guess = stored[nearest][fits[-1]] if fits else None
+            lookup_times.append(time.perf_counter() - start)
+            row = {"target": name, "nearest": nearest, "fraction": f}
+            if exact is not None:
+                row["exact_accuracy"] = estimate(profiles, exact.choices, name)["accuracy"]
+            if guess is not None:
+                ms = frame + sum(predicted[(b, d)] for b, d in enumerate(guess))
+                row["amortised_accuracy"] = estimate(profiles, guess, name)["accuracy"]
+                row["amortised_fits"] = ms <= budget.latency_ms * (1 + 1e-9)
+            rows.append(row)
+    both = [r for r in rows if "exact_accuracy" in r and "amortised_accuracy" in r]
+    gaps = [100 * (r["exact_accuracy"] - r["amortised_accuracy"]) for r in both]
+    return {
+        "summary": {
+            "exact_ms_per_new_target_query": 1e3 * statistics.median(exact_times),
+            "amortised_ms_per_query": 1e3 * statistics.median(lookup_times),
+            "median_gap_points": statistics.median(gaps) if gaps else None,
+            "max_gap_points": max(gaps) if gaps else None,
+            "violations": sum(not r["amortised_fits"] for r in both),
+            "queries": len(rows),
+        },
+        "rows": rows,
+    }
+
+
+def _summary(transfer, picks, predictor, args) -> dict:
+    """The headline numbers: medians over the held-out targets."""
+    out = {}
+    for k in [*(int(k) for k in args.k.split(",")), "measured profile"]:
+        rows = [t[k] for t in transfer.values()]
+        out[f"k={k}"] = {
+            key: statistics.median(r[key] for r in rows)
+            for key in ("spearman", "mape_percent", "relative_mape_percent")
+        }
+    met = [
+        r["predicted"]["meets_budget"] for rows in picks.values() for r in rows if r["predicted"]
+    ]
+    lost = [r["accuracy_lost_points"] for rows in picks.values() for r in rows]
+    lost = [v for v in lost if v is not None]
+    out["selection_on_predicted"] = {
+        "k": args.select_k,
+        "meets_budget_percent": 100 * sum(met) / len(met) if met else None,
+        "profiled_meets_budget_percent": _percent(
+            [
+                r["profiled"]["meets_budget"]
+                for rows in picks.values()
+                for r in rows
+                if r["profiled"]
+            ]
+        ),
+        "median_accuracy_lost_points": statistics.median(lost) if lost else None,
+        "max_accuracy_lost_points": max(lost) if lost else None,
+    }
+    out["predictor_leave_one_target_out"] = {
+        "median_descendant_spearman": statistics.median(v["spearman"] for v in predictor.values()),
+        "median_descendant_mape_percent": statistics.median(
+            v["mape_percent"] for v in predictor.values()
+        ),
+        "median_selection_mape_percent": statistics.median(
+            v["selections"]["mape_percent"] for v in predictor.values()
+        ),
+    }
+    return out
+
+
+def _percent(flags: list[bool]) -> float | None:
+    return 100 * sum(flags) / len(flags) if flags else None
+
+
+def _heat_map(rank: dict, names: list[str], path: Path) -> None:
+    fig = Figure(figsize=(6, 5), dpi=120)
+    ax = fig.subplots()
+    grid = np.array([[rank[a][b] for b in names] for a in names])
+    image = ax.imshow(grid, vmin=min(0.5, grid.min()), vmax=1.0, cmap="viridis")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color="w")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_title("Spearman of block latencies between targets")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
