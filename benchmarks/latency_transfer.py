@@ -203,10 +203,10 @@ def _picks(bank, profiles, keys, decomposition, descendants, args, name) -> list
     predicted, frame = _predict(profiles, keys, args.proxy, name, args.select_k, args.seed)
     table = _table(bank, predicted, frame, name)
     rows, chosen = [], set()
+    teacher_ms = estimate(profiles, [0] * len(descendants), name)["latency_ms"]
     for fraction in FRACTIONS:
         row: dict = {"fraction": fraction}
         for source, source_table in (("predicted", table), ("profiled", bank.cost_table(name))):
-            teacher_ms = estimate(profiles, [0] * len(descendants), name)["latency_ms"]
             try:
                 pick = solve(source_table, Budget(latency_ms=fraction * teacher_ms))
             except InfeasibleBudgetError:
