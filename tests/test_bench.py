@@ -48,6 +48,10 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
             assert pick is None or (pick["meets_budget"] and 0 <= pick["test_accuracy"] <= 1)
         if row["fraction"] == 1.0:
             assert all(row[m] is not None for m in ALL_METHODS)
+        pick = row["blockscale"]
+        if row["kind"] == "memory" and pick is not None:  # the memory estimate is exact
+            assert pick["memory_mb"] == pytest.approx(pick["estimate"]["memory_mb"])
+            assert pick["meets_budget"]
     training = model["training"]
     assert training["blockscale"]["seconds"] > 0
     for method in ALL_METHODS[1:]:

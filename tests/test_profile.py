@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nets import tiny_resnet
+from nets import TinyResNet, tiny_resnet
 from torch import fx, nn
 
 from blockscale.data import load_dataset
@@ -30,6 +30,7 @@ from blockscale.profile import (
     peak_activation_bytes,
     predict_selections,
     profile,
+    slot_context_bytes,
     spearman,
     summarize_validation,
     time_descendants,
@@ -45,6 +46,7 @@ FAST = ProfileConfig(warmup=1, repeats=3, batch_size=64)
 SPARSITIES = (0.0, 0.5, 0.75)
 S = 4 * 8 * 8 * 4  # bytes of one 4x8x8 float32 feature map, the blocks' input and output
 H = 8 * 8 * 8 * 4  # bytes of one 8x8x8 feature map, inside an unpruned block
+X = 1 * 8 * 8 * 4  # bytes of the model's 1x8x8 input
 
 
 # -- sizes, MACs and memory of single modules ----------------------------------------------------
@@ -94,13 +96,55 @@ def test_peak_activation_of_a_residual_block_by_hand():
     # add, relu: the input stays alive until the add
     peak = max(x, x + wide, x + 2 * wide, x + wide + x, 3 * x, 2 * x)
     assert peak_activation_bytes(fx.symbolic_trace(Residual()), (2, 4, 4)) == peak == 640
-    # without the shortcut the input dies after the first convolution
-    assert peak_activation_bytes(fx.symbolic_trace(Residual(skip=False)), (2, 4, 4)) == 2 * wide
+    # without the shortcut the graph is done with the input after the first convolution, but the
+    # caller still holds it: x | x, expand | x, expand, relu | x, relu, project | x, project, relu
+    assert peak_activation_bytes(fx.symbolic_trace(Residual(skip=False)), (2, 4, 4)) == peak
 
 
-def test_peak_activation_of_an_opaque_module_is_its_larger_end():
-    assert peak_activation_bytes(nn.Conv2d(2, 6, 1), (2, 4, 4)) == 6 * 16 * 4
-    assert peak_activation_bytes(nn.AvgPool2d(2), (2, 4, 4)) == 2 * 16 * 4
+def test_a_plain_module_is_traced():
+    assert peak_activation_bytes(nn.Conv2d(2, 6, 1), (2, 4, 4)) == (2 + 6) * 16 * 4
+    assert peak_activation_bytes(Residual(), (2, 4, 4)) == 640
+
+
+class _Branchy(nn.Module):
+    """Control flow on a tensor's value: fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x], 1) if x.sum() >= 0 else x
+
+
+def test_peak_activation_of_an_untraceable_module_is_its_larger_end():
+    assert peak_activation_bytes(_Branchy(), (2, 4, 4)) == 2 * 2 * 16 * 4
+
+
+class _Around(nn.Module):
+    """Two residual blocks with the first one's input carried past both (a long skip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = fx.symbolic_trace(Residual())
+        self.second = fx.symbolic_trace(Residual())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x)
+        return self.second(self.first(y)) + y
+
+
+class _GraphLeaves(fx.Tracer):
+    """Keeps graph-module submodules as calls, as a composed model has its blocks."""
+
+    def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+        return isinstance(m, fx.GraphModule) or super().is_leaf_module(m, name)
+
+
+def test_a_graph_submodule_is_swept_inside_with_what_the_caller_holds():
+    x = 2 * 4 * 4 * 4
+    around = _Around()
+    outer = fx.GraphModule(around, _GraphLeaves().trace(around))
+    assert [n.op for n in outer.graph.nodes].count("call_module") == 2
+    # first: the input x and the relu y around it, then its own 640 (which counts y); second: x,
+    # y and second's input (first's output) held, 640 inside counting that input
+    assert peak_activation_bytes(outer, (2, 4, 4)) == x + 640 + x
 
 
 # -- profiling a bank ------------------------------------------------------------------------------
@@ -146,18 +190,20 @@ def test_accuracy_drop_is_that_of_the_single_swap(bank):
 
 def test_descendant_sizes(bank):
     _, d, families, _, profiles = bank
+    assert slot_context_bytes(d) == [X, X]  # the caller holds the model's input throughout
     for info, family, measured in zip(d.plan.blocks, families, profiles.descendants, strict=True):
         for desc, p in zip(family, measured, strict=True):
             assert p.params == sum(t.numel() for t in desc.module.parameters())
             assert p.params == desc.info.num_params
             assert p.weight_bytes == weight_bytes(desc.module)
             assert p.macs == count_macs(desc.module, info.input_shape)
-            assert p.activation_bytes == peak_activation_bytes(desc.module, info.input_shape)
+            assert p.activation_bytes == X + peak_activation_bytes(desc.module, info.input_shape)
             assert p.memory_bytes == p.weight_bytes + p.activation_bytes
         # by hand: conv 4->h and h->4, 3x3 at 8x8, h = 8, 4, 2 hidden channels
         assert [p.macs for p in measured] == [64 * 9 * 4 * h * 2 for h in (8, 4, 2)]
-        # peak inside the block: input, and the hidden map twice (the batch norm step)
-        assert [p.activation_bytes for p in measured] == [S + 2 * H, 3 * S, 3 * S]
+        # peak inside the block: input, and the hidden map twice (the batch norm step); around it
+        # the model's input
+        assert [p.activation_bytes for p in measured] == [X + S + 2 * H, X + 3 * S, X + 3 * S]
         assert [p.params for p in measured] == sorted((p.params for p in measured), reverse=True)
 
 
@@ -181,8 +227,9 @@ def test_frame_profile_excludes_the_blocks(bank):
     assert frame.weight_bytes == sum(weight_bytes(m) for m in own)
     assert frame.weight_bytes == weight_bytes(teacher) - weight_bytes(nn.ModuleList(d.blocks))
     assert frame.macs == 64 * 9 * 4 + 4 * 4  # stem conv 1->4 at 8x8, head 4->4
-    # the frame's steps: input (1x8x8), three stem layers, then each block in and out (4x8x8)
-    assert frame.activation_bytes == 2 * S
+    # the frame's steps: input (1x8x8, held throughout), three stem layers, then each block in
+    # and out (4x8x8)
+    assert frame.activation_bytes == X + 2 * S
 
 
 def _profile(block, index, drop, weights, activation, ms):
@@ -208,6 +255,38 @@ def test_estimate_adds_the_parts():
     assert est["memory_mb"] == pytest.approx((1000 + 2000 + 3000 + 500) / 2**20)  # frame's peak
     with pytest.raises(KeyError):
         estimate(bp, [0, 0], "other-target")
+
+
+@settings(max_examples=10, deadline=None)
+@given(choices=st.tuples(st.integers(0, 2), st.integers(0, 2)))
+def test_estimated_memory_is_the_composed_models(bank, choices):
+    """Weights add up and the activation peak is the frame's or the largest block's: exact."""
+    _, d, families, _, profiles = bank
+    composed = compose(d, [families[b][c].module for b, c in enumerate(choices)])
+    measured = weight_bytes(composed) + peak_activation_bytes(composed, d.plan.input_shape)
+    assert estimate(profiles, list(choices), "torch-1t")["memory_mb"] * 2**20 == measured
+
+
+class _NoStem(TinyResNet):
+    """TinyResNet without its stem: the first block takes the model's input itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.res2(self.res1(x)).mean((2, 3)))
+
+
+def test_the_models_input_counts_once_around_every_block():
+    torch.manual_seed(0)
+    d = extract(_NoStem(in_channels=4), torch.zeros(1, 4, 8, 8))
+    # the caller holds the 4x8x8 input throughout: around res1 it is res1's own input (counted in
+    # res1's peak), around res2 it is held besides
+    assert slot_context_bytes(d) == [0, S]
+    families = derive(d, DeriveConfig(sparsities=SPARSITIES))
+    val_set = load_dataset("synthetic", "test", n=32, num_classes=4, in_channels=4, size=8)
+    profiles = profile(d, families, val_set, Target(), FAST, progress=False)
+    for choices in itertools.product(range(len(SPARSITIES)), repeat=2):
+        composed = compose(d, [families[b][c].module for b, c in enumerate(choices)])
+        measured = weight_bytes(composed) + peak_activation_bytes(composed, d.plan.input_shape)
+        assert estimate(profiles, list(choices), "torch-1t")["memory_mb"] * 2**20 == measured
 
 
 def test_estimate_of_the_teacher_is_the_teacher(bank):

@@ -69,7 +69,7 @@ def extract(
     teacher = copy.deepcopy(model).eval()
     _check_runs(teacher, example_input)
     try:
-        gm = _trace(teacher)
+        gm = trace(teacher)
     except UntraceableModelError:
         if not blocks:
             raise
@@ -144,7 +144,7 @@ def _user_frame(exc: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} in {f.name}(): {(f.line or '').strip()}"
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; a failure becomes :class:`UntraceableModelError`."""
     try:
         tracer = fx.Tracer()
@@ -543,7 +543,7 @@ def _extract_modules(
                 hint="name a module that runs exactly once",
             )
         try:
-            block = _trace(modules[name])
+            block = trace(modules[name])
         except UntraceableModelError as exc:
             raise UntraceableModelError(
                 f"named block {name!r} cannot be traced on its own: {exc.message}",

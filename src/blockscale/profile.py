@@ -3,8 +3,10 @@
 For every descendant: the accuracy drop when it alone replaces its block in the teacher (on a
 validation set), MACs and parameters, memory, and batch-1 latency on a target. Memory is the
 parameter and buffer bytes plus the peak bytes of activations alive at once while the block runs
-at batch 1, its input included. A selection's estimate adds the parts, as LegoDNN does: latencies
-and weights add up, the activation peak is the largest block's, and accuracy drops add up either in
+in the model at batch 1: its input, its own activations and whatever the frame holds around it. A
+selection's estimate adds the parts, as LegoDNN does: latencies and weights add up, the activation
+peak is the largest block's or the frame's (exact: blocks run one after another), and accuracy
+drops add up either in
 points (LegoDNN) or in log-odds of accuracy (``BankProfile.combine``), which follows compounding.
 :func:`validate` then measures a sample of random selections to report the estimate's error.
 """
@@ -28,8 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._progress import progress_bar
 from .derive import Descendant
-from .errors import ConfigError, ProfileError
-from .extract import Decomposition, compose
+from .errors import ConfigError, ProfileError, UntraceableModelError
+from .extract import Decomposition, compose, slot_name, trace
 from .targets import Target
 from .train import evaluate
 from .types import Profile
@@ -234,24 +236,65 @@ def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
 def peak_activation_bytes(module: nn.Module, input_shape: Sequence[int]) -> int:
     """Peak bytes of activations alive at once in a batch-1 pass, the input included.
 
-    Exact for ``torch.fx`` graph modules (a liveness sweep over the graph); for other modules the
-    larger of the input and output is returned, a lower bound.
+    Exact for every module ``torch.fx`` traces: a liveness sweep over its graph in which the input
+    stays alive throughout (the caller holds it) and a submodule that is itself a graph module (a
+    composed model's blocks) is swept in turn, with what the outer graph holds added to its own
+    peak. For a module fx cannot trace, the larger of the input and output: a lower bound.
     """
     x = torch.zeros(1, *input_shape)
-    if not isinstance(module, fx.GraphModule):
+    try:
+        graph_module = module if isinstance(module, fx.GraphModule) else trace(module)
+    except UntraceableModelError:
         with torch.no_grad():
             out = module.eval()(x)
         return max(_nbytes(x), _nbytes(out))
+    return _sweep(graph_module, (x,))[0]
+
+
+def _sweep(module: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple[int, dict[str, int]]:
+    """The liveness sweep of :func:`peak_activation_bytes` over one graph given its inputs: the
+    peak, and for each submodule call the bytes the graph holds around it (its inputs excluded)."""
     with torch.no_grad():
-        ShapeProp(module.eval()).propagate(x)
+        ShapeProp(module.eval()).propagate(*args)
     nodes = [n for n in module.graph.nodes if n.op not in ("get_attr", "output")]
     pos = {n: i for i, n in enumerate(nodes)}
-    end = {n: max((pos.get(u, len(nodes)) for u in n.users), default=pos[n]) for n in nodes}
-    sizes = [_meta_bytes(n) for n in nodes]
-    return max(
-        sum(size for n, size in zip(nodes[: i + 1], sizes, strict=False) if end[n] >= i)
-        for i in range(len(nodes))
-    )
+    end = {
+        n: len(nodes)
+        if n.op == "placeholder"
+        else max((pos.get(u, len(nodes)) for u in n.users), default=pos[n])
+        for n in nodes
+    }
+    sizes = {n: _meta_bytes(n) for n in nodes}
+    peak, around = 0, {}
+    for i, node in enumerate(nodes):
+        held = sum(sizes[n] for n in nodes[:i] if end[n] >= i)
+        peak = max(peak, held + sizes[node])
+        if node.op != "call_module":
+            continue
+        around[node.target] = held - sum(sizes[a] for a in node.all_input_nodes if a in sizes)
+        inner = module.get_submodule(node.target)
+        if isinstance(inner, fx.GraphModule) and all(
+            isinstance(a, fx.Node) and "tensor_meta" in a.meta for a in node.args
+        ):
+            examples = tuple(
+                torch.zeros(a.meta["tensor_meta"].shape, dtype=a.meta["tensor_meta"].dtype)
+                for a in node.args
+            )
+            peak = max(peak, around[node.target] + _sweep(inner, examples)[0])
+    return peak, around
+
+
+def slot_context_bytes(decomposition: Decomposition) -> list[int]:
+    """Per block, the activation bytes the model holds while the block runs besides the block's
+    own: the model's input, which the caller holds throughout, unless it is the block's input (a
+    block is single-entry, so nothing else of the frame's lives across it). Zeros for a frame fx
+    cannot trace, whose estimate is then a lower bound."""
+    frame = _frame_alone(decomposition)
+    if not isinstance(frame, fx.GraphModule):
+        return [0] * decomposition.plan.num_blocks
+    x = torch.zeros(1, *decomposition.plan.input_shape)
+    _, around = _sweep(frame, (x,))
+    return [around.get(slot_name(b), 0) for b in range(decomposition.plan.num_blocks)]
 
 
 def _nbytes(value: Any) -> int:
@@ -309,6 +352,7 @@ def profile(
     config = config or ProfileConfig()
     plan = decomposition.plan
     teacher = compose(decomposition, decomposition.blocks)
+    context = slot_context_bytes(decomposition)
     total = sum(len(f) for f in descendants) + 2
     with progress_bar("profile accuracy and size", total, enabled=progress) as advance:
         teacher_logits, labels = _logits(teacher, val_set, config.batch_size)
@@ -349,7 +393,8 @@ def profile(
                         params=sum(p.numel() for p in d.module.parameters()),
                         macs=count_macs(d.module, info.input_shape),
                         weight_bytes=weight_bytes(d.module),
-                        activation_bytes=peak_activation_bytes(d.module, info.input_shape),
+                        activation_bytes=context[info.index]
+                        + peak_activation_bytes(d.module, info.input_shape),
                         latency_ms={},
                     )
                 )
@@ -478,7 +523,7 @@ def fit_additive(
 
 def _frame_activation(decomposition: Decomposition) -> int:
     """Peak activation bytes of the frame, with each block seen as one step (input and output)."""
-    return peak_activation_bytes(decomposition.frame, decomposition.plan.input_shape)
+    return peak_activation_bytes(_frame_alone(decomposition), decomposition.plan.input_shape)
 
 
 Key = tuple[int, int]  # (block, index) of a descendant

@@ -188,7 +188,7 @@ class Profile:
     ``accuracy_drop`` is the teacher's top-1 accuracy minus the accuracy with this descendant alone
     in its block (a fraction, 0.01 = one point). Memory is ``weight_bytes + activation_bytes``:
     the parameter and buffer bytes, plus the peak bytes of activations alive at once while the
-    block runs at batch 1 (its input included). ``latency_ms`` maps a target name to the median
+    block runs in the model at batch 1 (its input, and what the frame holds around it, included). ``latency_ms`` maps a target name to the median
     batch-1 latency measured there.
     """
 
