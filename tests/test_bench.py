@@ -52,6 +52,8 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
         if row["kind"] == "memory" and pick is not None:  # the memory estimate is exact
             assert pick["memory_mb"] == pytest.approx(pick["estimate"]["memory_mb"])
             assert pick["meets_budget"]
+    assert {"bytes_ratio", "switch_seconds_ratio"} <= set(model["switching"])
+    assert not any(key.startswith("accuracy") for key in model["switching"])  # estimates only
     training = model["training"]
     assert training["blockscale"]["seconds"] > 0
     for method in ALL_METHODS[1:]:
