@@ -580,6 +580,18 @@ def test_calibrate_adds_a_predicted_target(tiny_bank, tmp_path):
     assert invoke("select", copy, "--latency-ms", "1000", "--target", "torch-2t").exit_code == 0
 
 
+def test_calibrate_chooses_the_proxy_by_default(tiny_bank, tmp_path):
+    copy = tmp_path / "bank"
+    shutil.copytree(tiny_bank, copy)
+    args = ("--target", "torch-2t", "--samples", "3", "--repeats", "2", "--warmup", "1")
+    result = invoke("calibrate", copy, *args)
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.stdout.split())
+    assert "proxy torch-1t (held-out MAPE of each candidate: torch-1t" in shown
+    assert "held out" in shown
+    assert Bank.open(copy).profile.targets["torch-2t"]["predicted_from"] == "torch-1t"
+
+
 def test_calibrate_from_an_unprofiled_proxy_is_a_clear_error(tiny_bank):
     result = invoke("calibrate", tiny_bank, "--proxy", "ort-2t", "--target", "torch-2t")
     assert result.exit_code == 2

@@ -120,6 +120,54 @@ def test_predict_target_keeps_the_sampled_values_and_follows_the_law():
         predict_target(proxy, {(5, 0): 1.0})
 
 
+def test_held_out_errors_are_those_of_fits_on_the_other_samples():
+    proxy = {(0, d): 1.0 + d for d in range(5)}
+    law = {k: 2.0 * ms**1.5 for k, ms in proxy.items()}
+    assert transfer.held_out_errors(proxy, law) == pytest.approx([0.0] * 5, abs=1e-9)
+    assert transfer.held_out_errors(proxy, {(0, 0): 1.0, (0, 1): 2.0}) == []  # two: a shift
+    off = {**law, (0, 2): 3 * law[0, 2]}
+    errors = transfer.held_out_errors(proxy, off)
+    rest = [k for k in sorted(off) if k != (0, 2)]
+    alone = ProxyCalibration.fit([proxy[k] for k in rest], [off[k] for k in rest])
+    assert errors[2] == pytest.approx(alone.predict(proxy[0, 2]) / off[0, 2] - 1)
+    assert errors[2] == pytest.approx(-2 / 3)  # fitted on the law, the tripled one is a third
+    assert all(abs(e) > 0.1 for e in errors)  # and it spoils every fit it is in
+
+
+def _ranked_like(ms: list[float], order: list[int]) -> list[float]:
+    """``ms`` rearranged so that descendant ``order[i]`` takes the i-th smallest."""
+    ranked = sorted(ms)
+    out = [0.0] * len(ms)
+    for rank, d in enumerate(order):
+        out[d] = ranked[rank]
+    return out
+
+
+def test_the_chosen_proxy_is_the_target_that_predicts_the_samples_best():
+    truth = [0.5, 0.9, 1.4, 2.2, 3.1, 4.0]  # on the new target, torch-2t
+    latency = {
+        "ort-1t": [_ranked_like([2 * v for v in truth], [0, 1, 2, 3, 4, 5])],  # same ranking
+        "torch-1t": [_ranked_like(truth, [5, 1, 3, 0, 4, 2])],  # same backend, scrambled
+        "ortq-1t": [[v**0.5 for v in truth]],
+    }
+    profiles = _bank_profile(latency, dict.fromkeys(latency, 1.0))
+    profiles.targets["ortq-1t"]["predicted_from"] = "ort-1t"  # predicted: never a proxy
+    sampled = {(0, d): truth[d] for d in range(6)}
+    proxy, scores = transfer.choose_proxy(profiles, sampled, "torch-2t")
+    assert proxy == "ort-1t" and set(scores) == {"ort-1t", "torch-1t"}
+    assert scores["ort-1t"] == pytest.approx(0.0, abs=1e-9)
+    assert scores["torch-1t"] > 10
+    # too few samples to judge: the same backend, then the nearest thread count
+    few = {(0, 0): truth[0], (0, 5): truth[5]}
+    assert transfer.choose_proxy(profiles, few, "torch-2t") == (
+        "torch-1t",
+        {"ort-1t": None, "torch-1t": None},
+    )
+    assert transfer.choose_proxy(profiles, few, "ort-4t")[0] == "ort-1t"
+    with pytest.raises(ProfileError, match="no measured target to predict ort-1t"):
+        transfer.choose_proxy(_bank_profile({"ort-1t": [[1.0]]}, {"ort-1t": 1.0}), {}, "ort-1t")
+
+
 def test_choose_samples_is_deterministic_distinct_and_spread():
     latency = {"torch-1t": [[float(10 * b + d) for d in range(5)] for b in range(4)]}
     profiles = _bank_profile(latency, {"torch-1t": 1.0})
@@ -326,6 +374,21 @@ def test_calibrate_without_samples_keeps_the_proxy_numbers_and_times_nothing(
     profiles = opened.profile
     for p in [profiles.frame, *(p for fam in profiles.descendants for p in fam)]:
         assert p.latency_ms["ort-2t"] == pytest.approx(p.latency_ms["torch-1t"])
+
+
+def test_calibrate_without_a_proxy_chooses_one_and_records_its_held_out_error(bank, tmp_path):
+    shutil.copytree(bank, tmp_path / "bank")
+    opened = Bank.open(tmp_path / "bank")
+    calibrate(opened, "torch-1t", "ort-1t", 0, measure_frame=False, progress=False)
+    summary = calibrate(opened, None, "torch-2t", samples=4, config=FAST, progress=False)
+    # ort-1t was predicted, so torch-1t is the one candidate; samples spread over it
+    assert summary["proxy"] == "torch-1t" and set(summary["proxy_candidates"]) == {"torch-1t"}
+    assert summary["held_out_mape_percent"] == summary["proxy_candidates"]["torch-1t"]
+    record = opened.profile.targets["torch-2t"]
+    assert record["predicted_from"] == "torch-1t"
+    assert record["held_out_mape_percent"] == summary["held_out_mape_percent"]
+    named = calibrate(opened, "torch-1t", "ort-2t", 2, FAST, progress=False)
+    assert "proxy_candidates" not in named and named["held_out_mape_percent"] is None
 
 
 def test_calibrate_refuses_what_it_cannot_do(bank, tmp_path):

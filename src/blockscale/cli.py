@@ -696,8 +696,14 @@ def profile_cmd(
 @app.command()
 def calibrate(
     bank: Annotated[Path, typer.Argument(help="Bank directory.")],
-    proxy: Annotated[str, typer.Option(help="A target the bank was profiled on, e.g. ort-1t.")],
     target: Annotated[str, typer.Option(help="The target to predict, e.g. ortq-2t.")],
+    proxy: Annotated[
+        str,
+        typer.Option(
+            help="A target the bank was profiled on, e.g. ort-1t; 'auto': the one that predicts "
+            "the timed samples best, each left out in turn."
+        ),
+    ] = "auto",
     samples: Annotated[int, typer.Option(help="Descendants to time on the target.")] = 10,
     repeats: Annotated[int, typer.Option(help="Timed runs per module (median).")] = 30,
     warmup: Annotated[int, typer.Option(help="Untimed runs before each round.")] = 5,
@@ -723,7 +729,7 @@ def calibrate(
     def run() -> Any:
         return calibrate_bank(
             Bank.open(bank),
-            proxy,
+            None if proxy == "auto" else proxy,
             target,
             samples,
             ProfileConfig(repeats=repeats, warmup=warmup),
@@ -737,7 +743,13 @@ def calibrate(
 
     def render() -> None:
         fit = summary["fit"]
-        mape = summary["in_sample_mape_percent"]
+        mape, held_out = summary["in_sample_mape_percent"], summary["held_out_mape_percent"]
+        if "proxy_candidates" in summary:
+            scores = ", ".join(
+                f"{name} {'n/a' if v is None else f'{v:.1f}%'}"
+                for name, v in summary["proxy_candidates"].items()
+            )
+            _out.print(f"proxy {summary['proxy']} (held-out MAPE of each candidate: {scores})")
         _out.print(
             f"{summary['target']}: measured {summary['measured']} descendants, predicted "
             f"{summary['predicted']} from {summary['proxy']}; frame "
@@ -746,7 +758,8 @@ def calibrate(
         )
         _out.print(
             f"fit: log ms = {fit['intercept']:.3f} + {fit['slope']:.3f} x log proxy ms; "
-            f"in-sample MAPE {'n/a' if mape is None else f'{mape:.1f}%'}"
+            f"in-sample MAPE {'n/a' if mape is None else f'{mape:.1f}%'}, held out "
+            f"{'n/a' if held_out is None else f'{held_out:.1f}%'}"
         )
 
     _emit(summary, as_json, render)

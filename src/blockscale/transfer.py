@@ -7,7 +7,10 @@ and cannot be done at all on one out of reach. Two ways cover it:
   target's latency range (:func:`choose_samples`), fit ``log target = intercept + slope * log
   proxy`` on them (:class:`ProxyCalibration`) and predict every other descendant. The map is
   increasing, so the proxy's ranking of descendants is kept and selection on the new target
-  stays meaningful. The bank records the target as predicted (:func:`is_predicted`).
+  stays meaningful. Without a proxy named, the one whose calibration predicts the timed samples
+  best, each left out in turn, is taken (:func:`choose_proxy`): ranks transfer well within a
+  backend and much less across backends, and the samples say which target ranks like this one.
+  The bank records the target as predicted (:func:`is_predicted`), with that held-out error.
 - :class:`LatencyPredictor`: one ridge regression of log latency on what each descendant is
   (:func:`descendant_features`) and what each target is (:class:`TargetSignature`: its backend,
   threads and the latency of a few fixed probe blocks, :func:`probe_keys`), fitted on the
@@ -21,6 +24,7 @@ unchanged.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -258,6 +262,71 @@ def _apply(
     return {key: sampled.get(key, calibration.predict(ms)) for key, ms in proxy_ms.items()}
 
 
+def is_predicted(bank_profile: BankProfile, target: str) -> bool:
+    """Whether ``target``'s latencies were predicted by :func:`calibrate` rather than measured."""
+    return "predicted_from" in bank_profile.targets.get(target, {})
+
+
+def held_out_errors(proxy_ms: Mapping[Key, float], sampled: Mapping[Key, float]) -> list[float]:
+    """Per sampled descendant, the relative error (predicted / measured - 1) of the calibration
+    fitted on the other samples: how well the proxy predicts descendants it was not fitted on.
+    Empty with fewer than three positive samples (two leave one point, which only shifts)."""
+    keys = [k for k in sorted(sampled) if sampled[k] > 0 and proxy_ms.get(k, 0) > 0]
+    if len(keys) < 3:
+        return []
+    errors = []
+    for key in keys:
+        rest = [k for k in keys if k != key]
+        fit = ProxyCalibration.fit([proxy_ms[k] for k in rest], [sampled[k] for k in rest])
+        errors.append(fit.predict(proxy_ms[key]) / sampled[key] - 1.0)
+    return errors
+
+
+def _measured_targets(bank_profile: BankProfile, target: str) -> list[str]:
+    """The bank's targets other than ``target`` whose latencies were measured, not predicted."""
+    measured = [
+        name
+        for name in bank_profile.targets
+        if name != target and not is_predicted(bank_profile, name)
+    ]
+    if not measured:
+        raise ProfileError(
+            f"the bank has no measured target to predict {target} from",
+            hint="profile one first: blockscale profile BANK --target ort-1t",
+        )
+    return measured
+
+
+def _mape(errors: Sequence[float]) -> float | None:
+    return 100 * statistics.fmean(abs(e) for e in errors) if errors else None
+
+
+def choose_proxy(
+    bank_profile: BankProfile, sampled: Mapping[Key, float], target: str
+) -> tuple[str, dict[str, float | None]]:
+    """The measured target of the bank that best predicts ``sampled`` (descendant latencies
+    measured on ``target``): least held-out MAPE (:func:`held_out_errors`); ties, and too few
+    samples to judge, go to the same backend, then the nearest thread count, then the name.
+    Returns the proxy and every candidate's held-out MAPE (%, None when not judged)."""
+    chosen = Target.parse(target)
+    candidates = _measured_targets(bank_profile, chosen.name)
+    scores = {
+        name: _mape(held_out_errors(_proxy_ms(bank_profile, name), sampled)) for name in candidates
+    }
+
+    def rank(name: str) -> tuple[float, bool, float, str]:
+        other = Target.parse(name)
+        score = scores[name]
+        return (
+            math.inf if score is None else score,
+            other.backend != chosen.backend,
+            abs(math.log(other.threads / chosen.threads)),
+            name,
+        )
+
+    return min(candidates, key=rank), scores
+
+
 def predict_target(proxy_ms: Mapping[Key, float], sampled: Mapping[Key, float]) -> dict[Key, float]:
     """Every descendant's latency on a target from its latency on the proxy (``proxy_ms``),
     through the :class:`ProxyCalibration` fitted on the ``sampled`` ones (measured on the
@@ -265,14 +334,9 @@ def predict_target(proxy_ms: Mapping[Key, float], sampled: Mapping[Key, float]) 
     return _apply(_fit_sampled(proxy_ms, sampled), proxy_ms, sampled)
 
 
-def is_predicted(bank_profile: BankProfile, target: str) -> bool:
-    """Whether ``target``'s latencies were predicted by :func:`calibrate` rather than measured."""
-    return "predicted_from" in bank_profile.targets.get(target, {})
-
-
 def calibrate(
     bank: Bank,
-    proxy: str,
+    proxy: str | None,
     target: str,
     samples: int = 10,
     config: ProfileConfig | None = None,
@@ -285,12 +349,14 @@ def calibrate(
     """Add ``target`` to ``bank``'s profiles, predicted, and save the bank (atomically, as
     ``blockscale profile`` does): ``samples`` descendants (:func:`choose_samples`) and the frame
     (unless not ``measure_frame``; then it is predicted too) are timed on ``target`` here, the
-    rest predicted from ``proxy`` through the :class:`ProxyCalibration` fitted on them.
+    rest predicted from ``proxy`` through the :class:`ProxyCalibration` fitted on them. With
+    ``proxy=None`` the samples are spread over the bank's first measured target of the same
+    backend (else its first) and the proxy is then :func:`choose_proxy`'s.
 
     Returns how many descendants were measured and predicted, which were sampled, the frame's
-    latency, the fit and its in-sample MAPE (%, None without a positive measurement)."""
+    latency, the fit, its in-sample and held-out MAPE (%, None when there is too little to judge)
+    and, when the proxy was chosen, every candidate's held-out MAPE."""
     profiles = bank.profile
-    proxy_ms = _proxy_ms(profiles, proxy)
     chosen = Target.parse(target)
     if chosen.name == proxy:
         raise ConfigError(
@@ -303,7 +369,9 @@ def calibrate(
             f"the bank already has latencies on {chosen.name} ({how})",
             hint="pass overwrite=True (--overwrite) to replace them",
         )
-    keys = choose_samples(profiles, proxy, samples, seed)
+    spread = proxy if proxy is not None else _reference(profiles, chosen)
+    _proxy_ms(profiles, spread)  # a missing proxy fails before anything is timed
+    keys = choose_samples(profiles, spread, samples, seed)
     frame_ms, measured = None, {}
     if keys or measure_frame:
         frame_ms, measured = time_descendants(
@@ -315,6 +383,10 @@ def calibrate(
             frame=measure_frame,
             progress=progress,
         )
+    candidates = None
+    if proxy is None:
+        proxy, candidates = choose_proxy(profiles, measured, chosen.name)
+    proxy_ms = _proxy_ms(profiles, proxy)
     fit = _fit_sampled(proxy_ms, measured)
     latency = _apply(fit, proxy_ms, measured)
     if frame_ms is None:
@@ -322,16 +394,18 @@ def calibrate(
     profiles.frame.latency_ms[chosen.name] = frame_ms
     for p in (p for family in profiles.descendants for p in family):
         p.latency_ms[chosen.name] = latency[p.block, p.index]
+    held_out = _mape(held_out_errors(proxy_ms, measured))
     profiles.targets[chosen.name] = {
         **chosen.to_dict(),
         "predicted_from": proxy,
         "samples": len(keys),
         "measured_frame": measure_frame,
         "fit": fit.to_dict(),
+        "held_out_mape_percent": held_out,
     }
     profiles.validation.pop(chosen.name, None)  # a check of earlier latencies no longer holds
     bank.update(profiles=profiles.to_dict())
-    errors = [abs(fit.predict(proxy_ms[k]) - ms) / ms for k, ms in measured.items() if ms > 0]
+    in_sample = [fit.predict(proxy_ms[k]) / ms - 1.0 for k, ms in measured.items() if ms > 0]
     return {
         "target": chosen.name,
         "proxy": proxy,
@@ -341,8 +415,18 @@ def calibrate(
         "measured_frame": measure_frame,
         "frame_ms": frame_ms,
         "fit": fit.to_dict(),
-        "in_sample_mape_percent": 100 * statistics.fmean(errors) if errors else None,
+        "in_sample_mape_percent": _mape(in_sample),
+        "held_out_mape_percent": held_out,
+        **({} if candidates is None else {"proxy_candidates": candidates}),
     }
+
+
+def _reference(bank_profile: BankProfile, target: Target) -> str:
+    """The measured target whose latency spreads the samples when no proxy is named: the first
+    of ``target``'s backend, else the first."""
+    measured = _measured_targets(bank_profile, target.name)
+    same = [n for n in measured if Target.parse(n).backend == target.backend]
+    return (same or measured)[0]
 
 
 # -- the scalable predictor --------------------------------------------------------------------
