@@ -11,9 +11,11 @@ builds it), in one run:
 - proxy transfer: for every target but the proxy and every k in ``--k``, k descendants (and the
   frame) taken as measured on the target, every other descendant predicted by calibrating the
   proxy's numbers (``blockscale.transfer``, what ``blockscale calibrate`` does); Spearman and MAPE
-  of the predicted latency of every measured selection;
+  of the predicted latency of every measured selection. Twice: from the fixed ``--proxy``, and
+  from the proxy ``calibrate`` chooses on the k samples among the other targets ("auto");
 - selection on predicted numbers: at budgets of 30% to 100% of the teacher's measured latency on
-  each target, the pick from the prediction at k = ``--select-k``, measured there (does it meet the
+  each target, the picks from the predictions at k = ``--select-k`` (fixed proxy; auto proxy;
+  auto proxy with the budget shrunk by its held-out MAPE), measured there (does it meet the
   budget?) and against the pick from the target's full profile (estimated accuracy lost);
 - the scalable predictor (target features and descendant features to latency), leave one target
   out: each target predicted from the others and its probe-block signature alone;
@@ -47,12 +49,15 @@ from blockscale.targets import Target, machine
 from blockscale.transfer import (
     LatencyPredictor,
     TargetSignature,
+    choose_proxy,
     choose_samples,
     descendant_features,
+    held_out_errors,
     leave_one_target_out,
     predict_target,
     probe_keys,
     profile_rows,
+    spread_target,
 )
 from blockscale.types import Budget
 
@@ -108,9 +113,14 @@ def main() -> None:
         truth = np.array(measured[name]["ms"])
         rows = {}
         for k in ks:
-            predicted, frame = _predict(profiles, keys, args.proxy, name, k, args.seed)
-            estimate_ms = selection_ms(predicted, frame)
-            rows[k] = _agreement(estimate_ms, truth)
+            predicted, frame, _ = _predict(profiles, keys, args.proxy, name, k, args.seed)
+            rows[k] = _agreement(selection_ms(predicted, frame), truth)
+            predicted, frame, chosen = _predict(profiles, keys, "auto", name, k, args.seed)
+            rows[f"auto {k}"] = {
+                **_agreement(selection_ms(predicted, frame), truth),
+                "proxy": chosen["proxy"],
+                "held_out_mape_percent": chosen["held_out_mape_percent"],
+            }
         full = {key: profiles.descendants[key[0]][key[1]].latency_ms[name] for key in keys}
         rows["measured profile"] = _agreement(
             selection_ms(full, profiles.frame.latency_ms[name]), truth
@@ -164,15 +174,22 @@ def _measure(decomposition, descendants, selections, name, args) -> dict[str, li
 
 def _predict(profiles, keys, proxy, name, k, seed):
     """Every descendant's latency on ``name`` from the proxy's and k of its own (and its frame,
-    when k > 0); k = 0 gives the proxy's numbers as they are."""
-    proxy_ms = {key: profiles.descendants[key[0]][key[1]].latency_ms[proxy] for key in keys}
+    when k > 0); k = 0 gives the proxy's numbers as they are. ``proxy="auto"``: as ``calibrate``
+    without a proxy, the samples spread over ``spread_target`` and the proxy ``choose_proxy``'s
+    among the other targets. Also returns the proxy and its held-out MAPE."""
+    spread = spread_target(profiles, name) if proxy == "auto" else proxy
     sampled = {
         key: profiles.descendants[key[0]][key[1]].latency_ms[name]
-        for key in choose_samples(profiles, proxy, k, seed)
+        for key in choose_samples(profiles, spread, k, seed)
     }
+    if proxy == "auto":
+        proxy, _ = choose_proxy(profiles, sampled, name)
+    proxy_ms = {key: profiles.descendants[key[0]][key[1]].latency_ms[proxy] for key in keys}
     predicted = predict_target(proxy_ms, sampled)
     frame = profiles.frame.latency_ms[name if k else proxy]
-    return predicted, frame
+    errors = held_out_errors(proxy_ms, sampled)
+    held_out = 100 * statistics.fmean(map(abs, errors)) if errors else None
+    return predicted, frame, {"proxy": proxy, "held_out_mape_percent": held_out}
 
 
 def _agreement(estimate_ms: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -198,17 +215,25 @@ def _table(bank: Bank, latency: dict[tuple[int, int], float], frame: float, like
 
 
 def _picks(bank, profiles, keys, decomposition, descendants, args, name) -> list[dict]:
-    """Picks from the k = --select-k prediction and from the full profile at each budget
-    fraction of the teacher's measured latency, all measured on ``name`` in one pass."""
-    predicted, frame = _predict(profiles, keys, args.proxy, name, args.select_k, args.seed)
-    table = _table(bank, predicted, frame, name)
-    rows, chosen = [], set()
+    """Picks at each budget fraction of the teacher's measured latency from the k = --select-k
+    predictions (fixed proxy, auto proxy, auto proxy under the budget less its held-out MAPE) and
+    from the full profile, all measured on ``name`` in one pass."""
+    fixed, frame, _ = _predict(profiles, keys, args.proxy, name, args.select_k, args.seed)
+    auto, auto_frame, chosen = _predict(profiles, keys, "auto", name, args.select_k, args.seed)
+    margin = 1 - (chosen["held_out_mape_percent"] or 0.0) / 100
+    sources = {
+        "predicted": (_table(bank, fixed, frame, name), 1.0),
+        "auto": (_table(bank, auto, auto_frame, name), 1.0),
+        "auto_margin": (_table(bank, auto, auto_frame, name), margin),
+        "profiled": (bank.cost_table(name), 1.0),
+    }
+    rows, picked = [], set()
     teacher_ms = estimate(profiles, [0] * len(descendants), name)["latency_ms"]
     for fraction in FRACTIONS:
-        row: dict = {"fraction": fraction}
-        for source, source_table in (("predicted", table), ("profiled", bank.cost_table(name))):
+        row: dict = {"fraction": fraction, "auto_proxy": chosen["proxy"], "margin": margin}
+        for source, (table, scale) in sources.items():
             try:
-                pick = solve(source_table, Budget(latency_ms=fraction * teacher_ms))
+                pick = solve(table, Budget(latency_ms=scale * fraction * teacher_ms))
             except InfeasibleBudgetError:
                 row[source] = None
                 continue
@@ -216,20 +241,21 @@ def _picks(bank, profiles, keys, decomposition, descendants, args, name) -> list
                 "choices": list(pick.choices),
                 "accuracy": estimate(profiles, pick.choices, name)["accuracy"],
             }
-            chosen.add(tuple(pick.choices))
+            picked.add(tuple(pick.choices))
         rows.append(row)
-    unique = [tuple([0] * len(descendants)), *sorted(chosen)]
+    unique = [tuple([0] * len(descendants)), *sorted(picked)]
     timed = _measure(decomposition, descendants, unique, name, args)
     ratio = dict(zip(unique, timed["relative"], strict=True))
     for row in rows:
-        for source in ("predicted", "profiled"):
+        for source in sources:
             if row[source] is not None:
                 r = ratio[tuple(row[source]["choices"])]
                 row[source].update(measured_ratio=r, meets_budget=r <= row["fraction"] * 1.02)
-        both = row["predicted"] is not None and row["profiled"] is not None
-        row["accuracy_lost_points"] = (
-            100 * (row["profiled"]["accuracy"] - row["predicted"]["accuracy"]) if both else None
-        )
+        for source in ("predicted", "auto", "auto_margin"):
+            both = row[source] is not None and row["profiled"] is not None
+            row[f"{source}_accuracy_lost_points"] = (
+                100 * (row["profiled"]["accuracy"] - row[source]["accuracy"]) if both else None
+            )
     return rows
 
 
@@ -271,7 +297,7 @@ def _amortised(bank, profiles, keys, names, args) -> dict:
     for name in names:
         if name == args.proxy:
             continue
-        predicted, frame = _predict(profiles, keys, args.proxy, name, args.select_k, args.seed)
+        predicted, frame, _ = _predict(profiles, keys, args.proxy, name, args.select_k, args.seed)
         start = time.perf_counter()
         table = _table(bank, predicted, frame, name)
         build_seconds = time.perf_counter() - start
@@ -324,25 +350,24 @@ def _summary(transfer, picks, predictor, args) -> dict:
             key: statistics.median(r[key] for r in rows)
             for key in ("spearman", "mape_percent", "relative_mape_percent")
         }
-    met = [
-        r["predicted"]["meets_budget"] for rows in picks.values() for r in rows if r["predicted"]
-    ]
-    lost = [r["accuracy_lost_points"] for rows in picks.values() for r in rows]
-    lost = [v for v in lost if v is not None]
-    out["selection_on_predicted"] = {
-        "k": args.select_k,
-        "meets_budget_percent": 100 * sum(met) / len(met) if met else None,
-        "profiled_meets_budget_percent": _percent(
-            [
-                r["profiled"]["meets_budget"]
-                for rows in picks.values()
-                for r in rows
-                if r["profiled"]
-            ]
-        ),
-        "median_accuracy_lost_points": statistics.median(lost) if lost else None,
-        "max_accuracy_lost_points": max(lost) if lost else None,
-    }
+    for k in (int(k) for k in args.k.split(",")):
+        rows = [t[f"auto {k}"] for t in transfer.values()]
+        out[f"auto k={k}"] = {
+            key: statistics.median(r[key] for r in rows)
+            for key in ("spearman", "mape_percent", "relative_mape_percent")
+        }
+    rows = [r for target_rows in picks.values() for r in target_rows]
+    out["selection_on_predicted"] = {"k": args.select_k}
+    for source in ("predicted", "auto", "auto_margin", "profiled"):
+        lost = [r.get(f"{source}_accuracy_lost_points") for r in rows]
+        lost = [v for v in lost if v is not None]
+        out["selection_on_predicted"][source] = {
+            "meets_budget_percent": _percent(
+                [r[source]["meets_budget"] for r in rows if r[source]]
+            ),
+            "median_accuracy_lost_points": statistics.median(lost) if lost else None,
+            "max_accuracy_lost_points": max(lost) if lost else None,
+        }
     out["predictor_leave_one_target_out"] = {
         "median_descendant_spearman": statistics.median(v["spearman"] for v in predictor.values()),
         "median_descendant_mape_percent": statistics.median(

@@ -3,11 +3,11 @@
 For every descendant: the accuracy drop when it alone replaces its block in the teacher (on a
 validation set), MACs and parameters, memory, and batch-1 latency on a target. Memory is the
 parameter and buffer bytes plus the peak bytes of activations alive at once while the block runs
-in the model at batch 1: its input, its own activations and whatever the frame holds around it. A
+in the model at batch 1: its input, its own activations and whatever the model holds around it. A
 selection's estimate adds the parts, as LegoDNN does: latencies and weights add up, the activation
 peak is the largest block's or the frame's (exact: blocks run one after another), and accuracy
-drops add up either in
-points (LegoDNN) or in log-odds of accuracy (``BankProfile.combine``), which follows compounding.
+drops add up either in points (LegoDNN) or in log-odds of accuracy (``BankProfile.combine``),
+which follows compounding.
 :func:`validate` then measures a sample of random selections to report the estimate's error.
 """
 

@@ -369,7 +369,7 @@ def calibrate(
             f"the bank already has latencies on {chosen.name} ({how})",
             hint="pass overwrite=True (--overwrite) to replace them",
         )
-    spread = proxy if proxy is not None else _reference(profiles, chosen)
+    spread = proxy if proxy is not None else spread_target(profiles, chosen.name)
     _proxy_ms(profiles, spread)  # a missing proxy fails before anything is timed
     keys = choose_samples(profiles, spread, samples, seed)
     frame_ms, measured = None, {}
@@ -421,11 +421,12 @@ def calibrate(
     }
 
 
-def _reference(bank_profile: BankProfile, target: Target) -> str:
-    """The measured target whose latency spreads the samples when no proxy is named: the first
-    of ``target``'s backend, else the first."""
-    measured = _measured_targets(bank_profile, target.name)
-    same = [n for n in measured if Target.parse(n).backend == target.backend]
+def spread_target(bank_profile: BankProfile, target: str) -> str:
+    """The measured target over whose latency range :func:`calibrate` spreads the samples when
+    no proxy is named: the bank's first of ``target``'s backend, else its first."""
+    backend = Target.parse(target).backend
+    measured = _measured_targets(bank_profile, Target.parse(target).name)
+    same = [n for n in measured if Target.parse(n).backend == backend]
     return (same or measured)[0]
 
 
