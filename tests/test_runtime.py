@@ -181,6 +181,17 @@ def test_without_a_cache_switching_back_loads_again(bank):
     assert back.cache_hits == 0
 
 
+def test_load_bytes_is_what_a_switch_would_read(bank, exported):
+    runtime = Runtime(bank, "torch-1t", BIG)
+    assert runtime.load_bytes((0, 0)) == 0  # the teacher's own block, resident
+    assert runtime.load_bytes((0, 1)) == bank.file_bytes(0, 1) > 0
+    report = runtime.set_selection((1, 0))
+    assert report.bytes_loaded == _bytes(bank, [(0, 1)])
+    assert runtime.load_bytes((0, 1)) == 0  # now held
+    onnx = Runtime(bank, "ort-1t", BIG, onnx_export=exported)
+    assert onnx.load_bytes((1, 2)) == OnnxExport(exported).file_bytes(1, 2) != bank.file_bytes(1, 2)
+
+
 def test_the_cache_stays_within_its_bound(bank):
     bound = max(bank.file_bytes(b, d) for b in range(2) for d in (1, 2))  # room for one spare
     runtime = Runtime(bank, "torch-1t", RuntimeConfig(cache_bytes=bound))

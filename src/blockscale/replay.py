@@ -383,7 +383,7 @@ def _charge(runtime: Runtime, live: Selection, variant: Selection, cost: SwitchC
     """What moving from ``live`` to ``variant`` costs under ``cost``, in accuracy: per changed
     block, and per MiB of the changed blocks that are not the resident teacher's."""
     changed = [(b, d) for b, d in enumerate(variant.choices) if live.choices[b] != d]
-    loads = sum(runtime.bank.file_bytes(b, d) for b, d in changed if not runtime.holds((b, d)))
+    loads = sum(runtime.load_bytes(key) for key in changed)
     return cost.per_block * len(changed) + cost.per_mb * loads / 2**20
 
 

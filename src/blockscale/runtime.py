@@ -387,6 +387,13 @@ class Runtime:
                 self.target.threads,
                 _matching_export(bank, onnx_export),
             )
+        # what reading each descendant costs, asked once: every decision under a switch cost needs
+        # them all, and an ONNX export looks each one up in its index
+        self._file_bytes = {
+            (b, d): self._backend.file_bytes((b, d))
+            for b, family in enumerate(bank.descendants)
+            for d in range(len(family))
+        }
         # the teacher's own blocks, held by the frame anyway: parts made from them on first use
         self._teacher = {
             (b, info.index): module
@@ -449,10 +456,7 @@ class Runtime:
         )
         charged = SwitchCost(cost.per_block * scale, cost.per_mb * scale, cost.hysteresis * scale)
         loads = [
-            [
-                0 if self.holds((b, d)) else self._backend.file_bytes((b, d))
-                for d in range(len(family))
-            ]
+            [self.load_bytes((b, d)) for d in range(len(family))]
             for b, family in enumerate(self.bank.descendants)
         ]
         picked = select_switching(table, budget, live, charged, loads)
@@ -461,6 +465,11 @@ class Runtime:
     def holds(self, key: Key) -> bool:
         """Whether switching to ``key`` would load nothing (resident or cached)."""
         return key in self._teacher or key in self._cache
+
+    def load_bytes(self, key: Key) -> int:
+        """What switching to descendant ``key`` would read, in bytes: its file on the runtime's
+        storage (the bank, or its ONNX export), or 0 when it is held."""
+        return 0 if self.holds(key) else self._file_bytes[key]
 
     def set_selection(self, choices: Sequence[int]) -> SwitchReport:
         """Switch to descendant ``choices[b]`` in each block ``b`` (no budget)."""
@@ -572,7 +581,7 @@ class Runtime:
         part = self._cache.get(key)
         if part is not None:
             return part, 0
-        size = self._backend.file_bytes(key)
+        size = self._file_bytes[key]
         part = self._backend.load(key)
         self._cache.put(key, part, size)
         return part, size
