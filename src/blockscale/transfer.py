@@ -370,7 +370,6 @@ def calibrate(
             hint="pass overwrite=True (--overwrite) to replace them",
         )
     spread = proxy if proxy is not None else spread_target(profiles, chosen.name)
-    _proxy_ms(profiles, spread)  # a missing proxy fails before anything is timed
     keys = choose_samples(profiles, spread, samples, seed)
     frame_ms, measured = None, {}
     if keys or measure_frame:
