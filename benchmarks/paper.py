@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--train-images", type=int)
+    parser.add_argument("--validate-samples", type=int)
     parser.add_argument("--target")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/paper")
@@ -34,6 +35,7 @@ def main() -> None:
         for k, v in (
             ("epochs", args.epochs),
             ("train_images", args.train_images),
+            ("validate_samples", args.validate_samples),
             ("target", args.target),
         )
         if v is not None

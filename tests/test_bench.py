@@ -29,7 +29,7 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
     result = CliRunner().invoke(
         app,
         ["bench", "--quick", "--models", "resnet20", "--checkpoints", str(tmp_path),
-         "--out", str(out), "--json"],
+         "--validate-samples", "3", "--out", str(out), "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -52,6 +52,15 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
         if row["kind"] == "memory" and pick is not None:  # the memory estimate is exact
             assert pick["memory_mb"] == pytest.approx(pick["estimate"]["memory_mb"])
             assert pick["meets_budget"]
+    # the build validated 3 random selections and kept a latency correction only if it helped
+    check = model["validation"]
+    assert check["samples"] == 3 and "records" not in check
+    helped = check["corrected_latency_mape_percent"] < check["relative_latency_mape_percent"]
+    assert (
+        (model["latency_correction"] == check["latency_correction"])
+        if helped
+        else (model["latency_correction"] is None)
+    )
     assert {"bytes_ratio", "switch_seconds_ratio"} <= set(model["switching"])
     assert not any(key.startswith("accuracy") for key in model["switching"])  # estimates only
     training = model["training"]

@@ -97,6 +97,11 @@ def test_full_build_writes_a_profiled_bank(data, reference):
         if helped
         else (profiles.block_weights is None and profiles.costs() == profiles.base_costs())
     )
+    # the latency correction likewise, kept only when it beat the plain sum out of sample
+    fitted = check["corrected_latency_mape_percent"] < check["relative_latency_mape_percent"]
+    assert ("ort-1t" in profiles.latency_corrections) == fitted
+    if fitted:
+        assert profiles.latency_corrections["ort-1t"].to_dict() == check["latency_correction"]
     report = opened.manifest["retrain"]
     assert report["samples"] == 128 and report["cache"] == "memory"
     assert len(report["val_mse_after"]) == 2

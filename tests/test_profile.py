@@ -2,6 +2,7 @@ import dataclasses
 import itertools
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from nets import TinyResNet, tiny_resnet
 from torch import fx, nn
 
+from blockscale.bank import Bank
 from blockscale.data import load_dataset
 from blockscale.derive import derive
 from blockscale.errors import ConfigError
@@ -40,7 +42,7 @@ from blockscale.profile import (
 )
 from blockscale.targets import Target
 from blockscale.train import TrainConfig, evaluate, train
-from blockscale.types import DeriveConfig, Profile
+from blockscale.types import Budget, DeriveConfig, Profile
 
 FAST = ProfileConfig(warmup=1, repeats=3, batch_size=64)
 SPARSITIES = (0.0, 0.5, 0.75)
@@ -535,6 +537,80 @@ def test_drop_correction_is_always_increasing(points):
     assert all(b >= a - 1e-12 for a, b in itertools.pairwise(values))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    offset=st.floats(-0.5, 0.5),
+    scale=st.floats(0.2, 3.0),
+    ratios=st.lists(st.floats(0.1, 1.5), min_size=2, max_size=20, unique=True),
+    teacher_ms=st.floats(0.05, 50.0),
+)
+def test_latency_correction_recovers_an_affine_map(offset, scale, ratios, teacher_ms):
+    from blockscale.profile import LatencyCorrection
+
+    measured = [offset + scale * r for r in ratios]
+    fit = LatencyCorrection.fit(ratios, measured, teacher_ms)
+    assert fit.scale == pytest.approx(scale, rel=1e-6, abs=1e-6)
+    assert fit.offset_ms == pytest.approx(offset * teacher_ms, rel=1e-6, abs=1e-6 * teacher_ms)
+    # in ms: a selection summed at r times the teacher's sum measures offset + scale * r times it
+    assert fit(0.7 * teacher_ms) / teacher_ms == pytest.approx(offset + scale * 0.7, abs=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.1, 1.5), st.floats(0.1, 1.5)), min_size=0, max_size=12))
+def test_latency_correction_is_always_increasing(points):
+    from blockscale.profile import LatencyCorrection
+
+    fit = LatencyCorrection.fit([p[0] for p in points], [p[1] for p in points], 2.0)
+    assert fit.scale > 0
+    if len({p[0] for p in points}) < 2:
+        assert fit == LatencyCorrection()
+
+
+def test_latency_correction_leave_one_out_on_affine_data():
+    from blockscale.profile import corrected_latency_errors
+
+    records = [
+        {"estimated_latency_ratio": r, "measured_latency_ratio": 1.2 * r - 0.15}
+        for r in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    ]
+    result = corrected_latency_errors(records, teacher_ms=2.0)
+    assert result["corrected_latency_mape_percent"] == pytest.approx(0.0, abs=1e-9)
+    assert result["corrected_latency_spearman"] == pytest.approx(1.0)
+    assert result["latency_correction"] == pytest.approx({"offset_ms": -0.3, "scale": 1.2})
+
+
+def test_latency_correction_maps_estimates_and_selection(bank, tmp_path):
+    from blockscale.profile import LatencyCorrection
+
+    _, d, families, _, profiles = bank
+    name = next(iter(profiles.targets))
+    fix = LatencyCorrection(offset_ms=-0.01, scale=1.3)
+    corrected = dataclasses.replace(profiles, latency_corrections={name: fix})
+    every = list(itertools.product(*(range(len(f)) for f in families)))
+    for choices in every:
+        plain = estimate(profiles, choices, name)
+        assert estimate(corrected, choices, name)["latency_ms"] == pytest.approx(
+            fix(plain["latency_ms"])
+        )
+    restored = BankProfile.from_dict(json.loads(json.dumps(corrected.to_dict())))
+    assert restored.latency_corrections == {name: fix}
+    # the bank selects on the corrected numbers: optimal among what fits them, by brute force
+    opened = Bank.write(tmp_path / "bank", d, families, extra={"profiles": restored.to_dict()})
+    budget = Budget(
+        latency_ms=statistics.median(fix(estimate(profiles, c, name)["latency_ms"]) for c in every)
+    )
+    pick = opened.select(budget)
+    fits = [c for c in every if estimate(corrected, c, name)["latency_ms"] <= budget.latency_ms]
+    assert pick.latency_ms == pytest.approx(estimate(corrected, pick.choices, name)["latency_ms"])
+    assert pick.latency_ms <= budget.latency_ms + 1e-9
+    assert pick.accuracy == pytest.approx(
+        max(estimate(corrected, c, name)["accuracy"] for c in fits)
+    )
+    # measuring the target again drops the correction fitted on its earlier latencies
+    again = add_target(restored, d, families, Target.parse(name), FAST, progress=False)
+    assert name not in again.latency_corrections and name not in again.validation
+
+
 def test_corrected_errors_are_reported(bank):
     _, d, families, val_set, profiles = bank
     result = validate(
@@ -542,6 +618,8 @@ def test_corrected_errors_are_reported(bank):
     )
     assert result["corrected_accuracy_mae_points"] >= 0
     assert set(result["correction"]) == {"linear", "quadratic"}
+    assert result["corrected_latency_mape_percent"] >= 0
+    assert set(result["latency_correction"]) == {"offset_ms", "scale"}
 
 
 def test_logit_costs_compound_and_stay_additive(bank):

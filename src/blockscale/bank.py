@@ -134,17 +134,23 @@ class Bank:
 
     def cost_table(self, target: str | None = None) -> CostTable:
         """Every descendant's cost (:meth:`BankProfile.costs`: its drop on the profile's scale, or
-        its fitted cost, block weights applied), latency
-        on ``target``, weights and activations, for selection; built once per target and kept."""
+        its fitted cost, block weights applied), latency on ``target`` (through its
+        :class:`~blockscale.profile.LatencyCorrection`, if validation fitted one), weights and
+        activations, for selection; built once per target and kept."""
         name = self.target(target)
         if name not in self._tables:
             profile = self._profile()
+            frame_ms, latency = profile.latencies(name)
             costs = [
-                [dataclasses.replace(p, accuracy_drop=c) for p, c in zip(fam, cs, strict=True)]
-                for fam, cs in zip(profile.descendants, profile.costs(), strict=True)
+                [
+                    dataclasses.replace(p, accuracy_drop=c, latency_ms={name: ms})
+                    for p, c, ms in zip(fam, cs, mss, strict=True)
+                ]
+                for fam, cs, mss in zip(profile.descendants, profile.costs(), latency, strict=True)
             ]
+            frame = dataclasses.replace(profile.frame, latency_ms={name: frame_ms})
             self._tables[name] = CostTable.from_profiles(
-                costs, profile.frame, profile.teacher_accuracy, name
+                costs, frame, profile.teacher_accuracy, name
             )
         return self._tables[name]
 

@@ -63,8 +63,9 @@ _MIB = float(2**20)
 class BenchConfig:
     """What the evaluation runs: models (each needs ``checkpoints/MODEL-DATASET.safetensors``),
     the bank's sparsity levels (the families get the same, less 0), epochs for bank and families
-    alike, image counts, budget fractions, the target, the trace length, the seed, and how
-    latency is timed."""
+    alike, image counts, the random selections the build validates (and fits its corrections
+    on, as a default build does), budget fractions, the target, the trace length, the seed, and
+    how latency is timed."""
 
     models: tuple[str, ...] = ("resnet20", "vgg11_bn", "mobilenetv2")
     dataset: str = "fashion-mnist"
@@ -74,6 +75,7 @@ class BenchConfig:
     train_images: int = 10_000
     val_images: int = 2_000
     test_images: int = 5_000
+    validate_samples: int = 50
     fractions: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     target: str = "ort-1t"
     trace_steps: int = 100
@@ -103,6 +105,7 @@ class BenchConfig:
             train_images=512,
             val_images=256,
             test_images=256,
+            validate_samples=4,
             fractions=(0.5, 0.75, 1.0),
             trace_steps=20,
             timing=ProfileConfig(warmup=2, repeats=10, rounds=2, batch_size=256),
@@ -152,7 +155,7 @@ def bench_model(
         target=config.target,
         retrain_samples=config.train_images,
         profile_samples=config.val_images,
-        validate_samples=0,
+        validate_samples=config.validate_samples,
         seed=config.seed,
     )
     retrain_set, val_set = training_subsets(train_set, build_config)
@@ -259,6 +262,16 @@ def bench_model(
                 for (kind, fraction), row in picks.items()
             ],
             "switching": switching,
+            "validation": {
+                key: value
+                for key, value in bank.profile.validation.get(config.target, {}).items()
+                if key != "records"
+            },
+            "latency_correction": (
+                fix.to_dict()
+                if (fix := bank.profile.latency_corrections.get(config.target))
+                else None
+            ),
             "families": {m: [b.summary() for b in fam] for m, fam in families.items()},
         }
     )

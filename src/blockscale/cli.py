@@ -476,6 +476,12 @@ def _show_profile(bank: Any) -> None:
                     f"{check['relative_latency_mape_percent']:.1f}% (Spearman "
                     f"{check['relative_latency_spearman']:.3f})"
                 )
+            fix = profiles.latency_corrections.get(target)
+            if fix:
+                _out.print(
+                    f"latency corrected to {fix.offset_ms:+.3f} ms + {fix.scale:.3f} x the sum "
+                    f"(leave-one-out MAPE {check['corrected_latency_mape_percent']:.1f}%)"
+                )
 
 
 def _count(n: int) -> str:
@@ -541,6 +547,13 @@ def bench(
     epochs: Annotated[
         int | None, typer.Option(help="Epochs for the bank and every baseline alike.")
     ] = None,
+    train_images: Annotated[
+        int | None, typer.Option(help="Training images for the bank and every baseline alike.")
+    ] = None,
+    validate_samples: Annotated[
+        int | None,
+        typer.Option(help="Random selections the build measures to fit its corrections (0: none)."),
+    ] = None,
     target: Annotated[str | None, typer.Option(help="Target latency is measured on.")] = None,
     checkpoints: Annotated[
         Path, typer.Option(help="Folder of MODEL-DATASET.safetensors teachers.")
@@ -559,10 +572,14 @@ def bench(
     def run() -> dict[str, Any]:
         config = BenchConfig.quick(names) if quick else BenchConfig(models=names)
         changes: dict[str, Any] = {"checkpoints": str(checkpoints)}
-        if epochs is not None:
-            changes["epochs"] = epochs
-        if target is not None:
-            changes["target"] = target
+        for name, value in (
+            ("epochs", epochs),
+            ("train_images", train_images),
+            ("validate_samples", validate_samples),
+            ("target", target),
+        ):
+            if value is not None:
+                changes[name] = value
         log = (lambda text: None) if as_json else _err.print
         return run_bench(with_(config, **changes), out, progress=not as_json, log=log)
 

@@ -127,6 +127,44 @@ class DropCorrection:
         return cls(a, 0.0) if a > 0 else cls()
 
 
+@dataclass(frozen=True)
+class LatencyCorrection:
+    """An increasing affine map from a selection's summed latency on one target to what it
+    measures there as one model: ``offset_ms + scale * summed``.
+
+    Each descendant is timed alone, so the sum misses what a compiled backend does across block
+    seams: fusions, and layouts a pruned width gets inside the whole graph. Fitted on the
+    validated selections (:func:`corrected_latency_errors`); applied as every descendant's
+    latency times ``scale`` and the frame's times ``scale`` plus ``offset_ms``, so the estimate
+    stays additive and selection stays exact.
+    """
+
+    offset_ms: float = 0.0
+    scale: float = 1.0
+
+    def __call__(self, summed_ms: float) -> float:
+        return self.offset_ms + self.scale * summed_ms
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def fit(
+        cls, estimated: Sequence[float], measured: Sequence[float], teacher_ms: float
+    ) -> LatencyCorrection:
+        """Least squares of ``measured`` on ``estimated``, both ratios to the teacher (timed in
+        the same turns, so the machine's drift cancels), turned into ms with the teacher's
+        summed latency ``teacher_ms``; the identity when the fit is not increasing."""
+        x = np.asarray(estimated, dtype=float)
+        y = np.asarray(measured, dtype=float)
+        if len(x) < 2 or np.ptp(x) <= 0:
+            return cls()
+        scale, offset = np.polyfit(x, y, 1)
+        if scale <= 0:
+            return cls()
+        return cls(float(offset) * teacher_ms, float(scale))
+
+
 @dataclass
 class BankProfile:
     """Profiles of a whole bank: teacher accuracy, the frame, every descendant, and targets.
@@ -135,7 +173,9 @@ class BankProfile:
     added in points (``"sum"``, LegoDNN) or in log-odds (``"logit"``), or the costs the
     interaction fit gave every descendant (``"fitted"``, ``fitted_costs`` on the link of exponent
     ``gamma``; see :func:`fit_interactions`), scaled per block by ``block_weights`` when
-    validation fitted them. Every way is additive, so selection stays exact.
+    validation fitted them. Every way is additive, so selection stays exact. Latency on a target
+    is the sum of its parts, mapped by the target's :class:`LatencyCorrection` when validation
+    fitted one (:meth:`latencies`).
     """
 
     teacher_accuracy: float
@@ -149,6 +189,23 @@ class BankProfile:
     fitted_costs: list[list[float]] | None = None
     gamma: float | None = None
     block_weights: list[float] | None = None
+    latency_corrections: dict[str, LatencyCorrection] = field(default_factory=dict)
+
+    def latencies(self, target: str) -> tuple[float, list[list[float]]]:
+        """The frame's and every descendant's latency on ``target`` (ms), through the target's
+        :class:`LatencyCorrection` if it has one."""
+        for p in (self.frame, *(p for family in self.descendants for p in family)):
+            if target not in p.latency_ms:
+                where = "the frame" if p.block == -1 else f"block {p.block} descendant {p.index}"
+                raise ProfileError(
+                    f"no latency on target {target!r} for {where}",
+                    hint=f"profile the bank on {target!r}, or select for a target it was "
+                    "profiled on",
+                )
+        fix = self.latency_corrections.get(target, LatencyCorrection())
+        return fix(self.frame.latency_ms[target]), [
+            [fix.scale * p.latency_ms[target] for p in family] for family in self.descendants
+        ]
 
     def _link(self) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
         return _link(self.combine, self.gamma)
@@ -201,6 +258,7 @@ class BankProfile:
             "fitted_costs": self.fitted_costs,
             "gamma": self.gamma,
             "block_weights": self.block_weights,
+            "latency_corrections": {t: c.to_dict() for t, c in self.latency_corrections.items()},
         }
 
     @classmethod
@@ -217,6 +275,9 @@ class BankProfile:
             fitted_costs=data.get("fitted_costs"),
             gamma=data.get("gamma"),
             block_weights=data.get("block_weights"),
+            latency_corrections={
+                t: LatencyCorrection(**c) for t, c in data.get("latency_corrections", {}).items()
+            },
         )
 
 
@@ -539,11 +600,14 @@ def add_target(
     progress: bool = True,
 ) -> BankProfile:
     """Measure latency on ``target`` and add it to the profiles (nothing is retrained); see
-    :func:`time_descendants` for how."""
+    :func:`time_descendants` for how. A validation of the target's earlier latencies, and the
+    correction fitted on it, no longer hold and are dropped."""
     frame_ms, latency = time_descendants(
         decomposition, descendants, target, config, progress=progress
     )
     assert frame_ms is not None
+    bank_profile.validation.pop(target.name, None)
+    bank_profile.latency_corrections.pop(target.name, None)
     bank_profile.frame.latency_ms[target.name] = frame_ms
     for family, profiles in zip(descendants, bank_profile.descendants, strict=True):
         for d, p in zip(family, profiles, strict=True):
@@ -700,11 +764,12 @@ def estimate(bank_profile: BankProfile, choices: Sequence[int], target: str) -> 
     parts = [bank_profile.descendants[b][d] for b, d in enumerate(choices)]
     costs = bank_profile.costs()
     frame = bank_profile.frame
+    frame_ms, latency = bank_profile.latencies(target)
     activation = max([frame.activation_bytes, *(p.activation_bytes for p in parts)])
     weights = frame.weight_bytes + sum(p.weight_bytes for p in parts)
     return {
         "accuracy": bank_profile.accuracy(sum(costs[b][d] for b, d in enumerate(choices))),
-        "latency_ms": frame.latency_ms[target] + sum(p.latency_ms[target] for p in parts),
+        "latency_ms": frame_ms + sum(latency[b][d] for b, d in enumerate(choices)),
         "memory_mb": (weights + activation) / 2**20,
     }
 
@@ -745,7 +810,9 @@ def validate(
     """Measure random selections end to end and compare them with the additive estimate.
 
     Returns the accuracy MAE (points) and Spearman correlation, the latency MAPE (%) and Spearman
-    correlation, and every measured selection.
+    correlation, the corrections fitted on them with their leave-one-out errors, and every
+    measured selection. Latency is estimated by the plain sum (any correction the target has is
+    left out), which the latency correction is fitted to.
     """
     if samples < 1:
         raise ConfigError(f"validate needs at least one sample, got {samples}")
@@ -754,7 +821,8 @@ def validate(
     plan = decomposition.plan
     runner = target.runner(decomposition)
     teacher = runner.model(decomposition.blocks)
-    teacher_estimate = estimate(bank_profile, [0] * plan.num_blocks, target.name)["latency_ms"]
+    summed = dataclasses.replace(bank_profile, latency_corrections={})
+    teacher_estimate = estimate(summed, [0] * plan.num_blocks, target.name)["latency_ms"]
     records = []
     costs = bank_profile.costs()
     start = time.perf_counter()
@@ -762,7 +830,7 @@ def validate(
         for _ in range(samples):
             choices = [rng.randrange(len(f)) for f in descendants]
             blocks = [descendants[b][d].module for b, d in enumerate(choices)]
-            est = estimate(bank_profile, choices, target.name)
+            est = estimate(summed, choices, target.name)
             drops = [bank_profile.descendants[b][d].accuracy_drop for b, d in enumerate(choices)]
             mine, reference = target.time_calls(
                 [runner.model(blocks), teacher],
@@ -792,7 +860,28 @@ def validate(
     summary = summarize_validation(records, target.name, time.perf_counter() - start)
     summary.update(corrected_accuracy_errors(records, bank_profile))
     summary.update(weighted_accuracy_errors(records, bank_profile))
+    summary.update(corrected_latency_errors(records, teacher_estimate))
     return summary
+
+
+def corrected_latency_errors(
+    records: Sequence[dict[str, Any]], teacher_ms: float
+) -> dict[str, Any]:
+    """MAPE and Spearman of the :class:`LatencyCorrection` on latency relative to the teacher,
+    by leave-one-out, and the correction fitted on all ``records`` (``teacher_ms``: the
+    teacher's summed latency on the target)."""
+    est = [r["estimated_latency_ratio"] for r in records]
+    real = [r["measured_latency_ratio"] for r in records]
+    predictions = []
+    for i in range(len(records)):
+        fit = LatencyCorrection.fit(est[:i] + est[i + 1 :], real[:i] + real[i + 1 :], 1.0)
+        predictions.append(fit(est[i]))
+    return {
+        "latency_correction": LatencyCorrection.fit(est, real, teacher_ms).to_dict(),
+        "corrected_latency_mape_percent": 100
+        * statistics.fmean(abs(p - m) / m for p, m in zip(predictions, real, strict=True)),
+        "corrected_latency_spearman": spearman(predictions, real),
+    }
 
 
 def fit_block_weights(

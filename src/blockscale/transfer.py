@@ -402,7 +402,9 @@ def calibrate(
         "fit": fit.to_dict(),
         "held_out_mape_percent": held_out,
     }
-    profiles.validation.pop(chosen.name, None)  # a check of earlier latencies no longer holds
+    # a check of earlier latencies, and the correction fitted on it, no longer hold
+    profiles.validation.pop(chosen.name, None)
+    profiles.latency_corrections.pop(chosen.name, None)
     bank.update(profiles=profiles.to_dict())
     in_sample = [fit.predict(proxy_ms[k]) / ms - 1.0 for k, ms in measured.items() if ms > 0]
     return {
