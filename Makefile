@@ -10,9 +10,10 @@ TFLITE_STAMP := $(TFLITE_VENV)/.installed
 
 .PHONY: test test-tflite demo lint format clean
 
+# the bench extra too: the tests import every script in benchmarks/
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test]'
+	$(BIN)/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,bench]'
 	touch $(STAMP)
 
 test: $(STAMP)

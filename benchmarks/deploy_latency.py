@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-from datetime import date
 from pathlib import Path
 
-import onnxruntime
 import torch
 from torch.utils.data import Subset
 
 from blockscale import Bank, BuildConfig, compose, evaluate, load_dataset
+from blockscale._provenance import command, provenance
 from blockscale.errors import InfeasibleBudgetError
 from blockscale.pipeline import training_subsets
 from blockscale.profile import ProfileConfig, add_target, estimate, spearman, validate
-from blockscale.targets import Target, machine
+from blockscale.targets import Target
 from blockscale.types import Budget
 
 
@@ -105,17 +103,8 @@ def main() -> None:
         },
     }
     out = {
-        "command": "python benchmarks/deploy_latency.py "
-        + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-            for k, v in vars(args).items()
-            if k != "out_json" and v is not False
-        ),
-        "machine": machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "date": date.today().isoformat(),
+        "command": command("benchmarks/deploy_latency.py", args),
+        **provenance(),
         "summary": summary,
         "wrong_target": wrong,
         "fidelity": fidelity,

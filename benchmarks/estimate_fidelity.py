@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from dataclasses import replace
-from datetime import date
 from pathlib import Path
 
 import torch
 from torch.utils.data import Subset
 
 from blockscale import Bank, BuildConfig, build, load_checkpoint, load_dataset
+from blockscale._provenance import command, provenance
 from blockscale.pipeline import training_subsets
 from blockscale.profile import (
     BankProfile,
@@ -34,7 +33,7 @@ from blockscale.profile import (
     validate,
 )
 from blockscale.retrain import RetrainConfig
-from blockscale.targets import Target, machine
+from blockscale.targets import Target
 
 
 def main() -> None:
@@ -141,19 +140,14 @@ def main() -> None:
     summary["gamma"] = profiles.gamma
     summary["fit_samples"] = len(fit_records)
     out = {
-        "command": "python benchmarks/estimate_fidelity.py "
-        + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-            for k, v in vars(args).items()
-            if k != "out_json"
-            and v is not False
-            # a reused bank keeps the settings it was built with (under "build")
-            and not (args.reuse_bank and k in ("retrain_samples", "profile_samples", "epochs"))
+        # a reused bank keeps the settings it was built with (under "build")
+        "command": command(
+            "benchmarks/estimate_fidelity.py",
+            args,
+            skip={"out_json"}
+            | ({"retrain_samples", "profile_samples", "epochs"} if args.reuse_bank else set()),
         ),
-        "machine": machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
+        **provenance(),
         "build": config.to_dict(),
         "timings": bank.manifest.get("timings", {}),
         **summary,

@@ -22,7 +22,6 @@ import platform
 import statistics
 import time
 from collections import Counter
-from datetime import date
 from functools import partial
 from pathlib import Path
 
@@ -30,9 +29,9 @@ import highspy
 import numpy as np
 from selection import make_bank, random_budget
 
+from blockscale._provenance import command, provenance
 from blockscale.errors import InfeasibleBudgetError
 from blockscale.multi import JointSelector, Member, select_joint
-from blockscale.targets import machine
 from blockscale.types import Budget, Selection
 
 
@@ -120,20 +119,15 @@ def main() -> None:
                 verdicts[verdict(members, budget, ours, milp)] += 1
             queries += 1
     result = {
-        "command": "OMP_NUM_THREADS=1 python benchmarks/joint_selection.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out_json"
-        ),
-        "machine": machine(),
+        "command": command("benchmarks/joint_selection.py", args),
+        **provenance(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "python": platform.python_version(),
         "numpy": np.__version__,
         "highspy": f"{highspy.HIGHS_VERSION_MAJOR}.{highspy.HIGHS_VERSION_MINOR}."
         f"{highspy.HIGHS_VERSION_PATCH}",
-        "date": date.today().isoformat(),
         "args": vars(args),
         "queries": queries,
         "infeasible_queries": infeasible,

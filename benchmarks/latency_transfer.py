@@ -17,6 +17,10 @@ builds it), in one run:
   each target, the picks from the predictions at k = ``--select-k`` (fixed proxy; auto proxy;
   auto proxy with the budget shrunk by its held-out MAPE), measured there (does it meet the
   budget?) and against the pick from the target's full profile (estimated accuracy lost);
+- the selection-level latency correction a validated build fits
+  (``blockscale.profile.LatencyCorrection``): fitted on the first ``--correct-on`` measured
+  selections, applied to the target's own profile and to the auto prediction at k =
+  ``--select-k``, scored on the other selections and in the picks;
 - the scalable predictor (target features and descendant features to latency), leave one target
   out: each target predicted from the others and its probe-block signature alone;
 - an amortised optimizer (nearest known target by signature, its stored exact picks per budget
@@ -29,23 +33,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import random
 import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
-import torch
 from matplotlib.figure import Figure
 
 from blockscale import Bank
+from blockscale._provenance import command, provenance
 from blockscale.errors import InfeasibleBudgetError
-from blockscale.profile import ProfileConfig, add_target, estimate, spearman
+from blockscale.profile import LatencyCorrection, ProfileConfig, add_target, estimate, spearman
 from blockscale.select import CostTable, solve
-from blockscale.targets import Target, machine
+from blockscale.targets import Target
 from blockscale.transfer import (
     LatencyPredictor,
     TargetSignature,
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--selections", type=int, default=30)
     parser.add_argument("--k", default="0,5,10,20")
     parser.add_argument("--select-k", type=int, default=10)
+    parser.add_argument(
+        "--correct-on", type=int, default=10, help="measured selections the correction is fit on"
+    )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--reprofile", action="store_true", help="time targets already profiled")
     parser.add_argument("--seed", type=int, default=0)
@@ -125,9 +129,24 @@ def main() -> None:
         rows["measured profile"] = _agreement(
             selection_ms(full, profiles.frame.latency_ms[name]), truth
         )
+        auto, auto_frame, _ = _predict(profiles, keys, "auto", name, args.select_k, args.seed)
+        held = [0, *range(args.correct_on + 1, len(selections))]  # the teacher, then held out
+        for label, (latency, frame) in {
+            "measured profile": (full, profiles.frame.latency_ms[name]),
+            f"auto {args.select_k}": (auto, auto_frame),
+        }.items():
+            plain = selection_ms(latency, frame)
+            fix = _correction(plain, measured[name]["relative"], args.correct_on)
+            rows[f"{label}, corrected"] = {
+                **_agreement(np.array([fix(ms) for ms in plain[held]]), truth[held]),
+                "uncorrected_relative_mape_percent": _agreement(plain[held], truth[held])[
+                    "relative_mape_percent"
+                ],
+                "correction": fix.to_dict(),
+            }
         transfer[name] = rows
     picks = {
-        name: _picks(bank, profiles, keys, decomposition, descendants, args, name)
+        name: _picks(bank, profiles, keys, decomposition, descendants, args, name, measured)
         for name in names
         if name != args.proxy
     }
@@ -135,17 +154,8 @@ def main() -> None:
     amortised = _amortised(bank, profiles, keys, names, args)
     summary = _summary(transfer, picks, predictor, args)
     out = {
-        "command": "python benchmarks/latency_transfer.py "
-        + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-            for k, v in vars(args).items()
-            if k != "out_json" and v is not False
-        ),
-        "machine": machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "date": date.today().isoformat(),
+        "command": command("benchmarks/latency_transfer.py", args),
+        **provenance(),
         "targets": names,
         "summary": summary,
         "block_latency_spearman": rank,
@@ -214,26 +224,58 @@ def _table(bank: Bank, latency: dict[tuple[int, int], float], frame: float, like
     return dataclasses.replace(table, latency_ms=grid, frame_latency_ms=frame)
 
 
-def _picks(bank, profiles, keys, decomposition, descendants, args, name) -> list[dict]:
-    """Picks at each budget fraction of the teacher's measured latency from the k = --select-k
-    predictions (fixed proxy, auto proxy, auto proxy under the budget less its held-out MAPE) and
-    from the full profile, all measured on ``name`` in one pass."""
+def _correction(plain_ms: np.ndarray, relative: list[float], n: int) -> LatencyCorrection:
+    """The correction of ``plain_ms`` (selection 0 the teacher) fitted on selections 1 to ``n``
+    as measured relative to the teacher, as a validated build fits it."""
+    ratios = plain_ms / plain_ms[0]
+    return LatencyCorrection.fit(ratios[1 : n + 1], relative[1 : n + 1], float(plain_ms[0]))
+
+
+def _corrected(latency: dict, frame: float, fix: LatencyCorrection) -> tuple[dict, float]:
+    return {key: fix.scale * ms for key, ms in latency.items()}, fix(frame)
+
+
+def _picks(bank, profiles, keys, decomposition, descendants, args, name, measured) -> list[dict]:
+    """Picks at each budget fraction of the teacher's latency from the k = --select-k
+    predictions (fixed proxy, auto proxy, auto proxy under the budget less its held-out MAPE,
+    auto proxy through the selection-level correction) and from the full profile (plain and
+    corrected), all measured on ``name`` in one pass."""
     fixed, frame, _ = _predict(profiles, keys, args.proxy, name, args.select_k, args.seed)
     auto, auto_frame, chosen = _predict(profiles, keys, "auto", name, args.select_k, args.seed)
     margin = 1 - (chosen["held_out_mape_percent"] or 0.0) / 100
+    full = {key: profiles.descendants[key[0]][key[1]].latency_ms[name] for key in keys}
+    full_frame = profiles.frame.latency_ms[name]
+    choices = measured[name]["choices"]
+
+    def fitted(latency: dict, frame: float) -> LatencyCorrection:
+        plain = np.array([frame + sum(latency[(b, d)] for b, d in enumerate(c)) for c in choices])
+        return _correction(plain, measured[name]["relative"], args.correct_on)
+
+    def teacher(latency: dict, frame: float) -> float:
+        return frame + sum(latency[(b, 0)] for b in range(len(descendants)))
+
+    # each source: its table, and the teacher's latency by its own uncorrected numbers, which
+    # the budget is a fraction of (the same fraction of the teacher as measured is what it meets)
     sources = {
-        "predicted": (_table(bank, fixed, frame, name), 1.0),
-        "auto": (_table(bank, auto, auto_frame, name), 1.0),
-        "auto_margin": (_table(bank, auto, auto_frame, name), margin),
-        "profiled": (bank.cost_table(name), 1.0),
+        "predicted": (_table(bank, fixed, frame, name), teacher(fixed, frame)),
+        "auto": (_table(bank, auto, auto_frame, name), teacher(auto, auto_frame)),
+        "auto_margin": (_table(bank, auto, auto_frame, name), margin * teacher(auto, auto_frame)),
+        "auto_corrected": (
+            _table(bank, *_corrected(auto, auto_frame, fitted(auto, auto_frame)), name),
+            teacher(auto, auto_frame),
+        ),
+        "profiled": (_table(bank, full, full_frame, name), teacher(full, full_frame)),
+        "profiled_corrected": (
+            _table(bank, *_corrected(full, full_frame, fitted(full, full_frame)), name),
+            teacher(full, full_frame),
+        ),
     }
     rows, picked = [], set()
-    teacher_ms = estimate(profiles, [0] * len(descendants), name)["latency_ms"]
     for fraction in FRACTIONS:
         row: dict = {"fraction": fraction, "auto_proxy": chosen["proxy"], "margin": margin}
-        for source, (table, scale) in sources.items():
+        for source, (table, teacher_ms) in sources.items():
             try:
-                pick = solve(table, Budget(latency_ms=scale * fraction * teacher_ms))
+                pick = solve(table, Budget(latency_ms=fraction * teacher_ms))
             except InfeasibleBudgetError:
                 row[source] = None
                 continue
@@ -251,7 +293,7 @@ def _picks(bank, profiles, keys, decomposition, descendants, args, name) -> list
             if row[source] is not None:
                 r = ratio[tuple(row[source]["choices"])]
                 row[source].update(measured_ratio=r, meets_budget=r <= row["fraction"] * 1.02)
-        for source in ("predicted", "auto", "auto_margin"):
+        for source in ("predicted", "auto", "auto_margin", "auto_corrected", "profiled_corrected"):
             both = row[source] is not None and row["profiled"] is not None
             row[f"{source}_accuracy_lost_points"] = (
                 100 * (row["profiled"]["accuracy"] - row[source]["accuracy"]) if both else None
@@ -350,15 +392,24 @@ def _summary(transfer, picks, predictor, args) -> dict:
             key: statistics.median(r[key] for r in rows)
             for key in ("spearman", "mape_percent", "relative_mape_percent")
         }
-    for k in (int(k) for k in args.k.split(",")):
-        rows = [t[f"auto {k}"] for t in transfer.values()]
-        out[f"auto k={k}"] = {
+    labels = [f"auto {k}" for k in args.k.split(",")]
+    labels += ["measured profile, corrected", f"auto {args.select_k}, corrected"]
+    for label in labels:
+        rows = [t[label] for t in transfer.values()]
+        out[label.replace("auto ", "auto k=")] = {
             key: statistics.median(r[key] for r in rows)
             for key in ("spearman", "mape_percent", "relative_mape_percent")
         }
     rows = [r for target_rows in picks.values() for r in target_rows]
     out["selection_on_predicted"] = {"k": args.select_k}
-    for source in ("predicted", "auto", "auto_margin", "profiled"):
+    for source in (
+        "predicted",
+        "auto",
+        "auto_margin",
+        "auto_corrected",
+        "profiled",
+        "profiled_corrected",
+    ):
         lost = [r.get(f"{source}_accuracy_lost_points") for r in rows]
         lost = [v for v in lost if v is not None]
         out["selection_on_predicted"][source] = {

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
 from blockscale import compose, derive, extract, load_checkpoint
+from blockscale._provenance import command, provenance
 from blockscale.export import export_frame, export_onnx, export_selection
 from blockscale.ort import (
     ChainedSession,
@@ -37,7 +35,6 @@ from blockscale.ort import (
     inference_session,
     round_robin_latency,
 )
-from blockscale.targets import machine
 
 DESIGNS = {"chained": ChainedSession, "merged": MergedSession}
 
@@ -176,15 +173,8 @@ def main() -> None:
         "export": export_report,
     }
     result = {
-        "command": "python benchmarks/ort_compose.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out_json"
-        ),
-        "machine": machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "date": date.today().isoformat(),
+        "command": command("benchmarks/ort_compose.py", args),
+        **provenance(),
         "args": vars(args),
         "blocks": n,
         "descendants_per_block": k,

@@ -27,26 +27,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
-import onnxruntime
 import torch
 from matplotlib.figure import Figure
 
 from blockscale import Bank, compose, evaluate, load_dataset
+from blockscale._provenance import command, provenance
 from blockscale.bank import json_safe
 from blockscale.data import subset
 from blockscale.multi import SwitchCost
 from blockscale.replay import METHODS, ReplayResult, budget_range, plot_replay, replay
 from blockscale.runtime import Runtime, RuntimeConfig
-from blockscale.targets import machine
 from blockscale.traces import GENERATORS
 from blockscale.types import Budget
 
@@ -127,12 +124,8 @@ def main() -> None:
 
     out = json_safe(
         {
-            "command": "python " + " ".join(sys.argv),
-            "machine": machine(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "date": date.today().isoformat(),
+            "command": command("benchmarks/replay_cost.py", args, skip=("out_json", "out_plot")),
+            **provenance(),
             "bank": args.bank,
             "definitions": {
                 "bytes_loaded": "descendant weight files read from the bank; the frame and the "

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -31,8 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from blockscale import compose, derive, evaluate, extract, load_checkpoint, load_dataset
+from blockscale._provenance import command, provenance
 from blockscale.retrain import RetrainConfig, retrain
-from blockscale.targets import machine
 from blockscale.types import DeriveConfig
 
 
@@ -163,14 +161,8 @@ def main() -> None:
         progress=False,
     )
     result = {
-        "command": "python benchmarks/retrain_cost.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out_json"
-        ),
-        "machine": machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
+        "command": command("benchmarks/retrain_cost.py", args),
+        **provenance(),
         "args": vars(args),
         "bank": bank,
         "model_level": models,

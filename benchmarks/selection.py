@@ -28,16 +28,15 @@ import platform
 import statistics
 import time
 from collections import Counter
-from datetime import date
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pulp
 
+from blockscale._provenance import command, provenance
 from blockscale.errors import InfeasibleBudgetError
 from blockscale.select import CostTable, Selector, solve
-from blockscale.targets import machine
 from blockscale.types import Budget, Selection
 
 SPARSITIES = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 0.9])
@@ -203,18 +202,13 @@ def main() -> None:
                     )
     stats = {name: summary(seconds) for name, seconds in times.items()}
     result = {
-        "command": "python benchmarks/selection.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out_json"
-        ),
-        "machine": machine(),
+        "command": command("benchmarks/selection.py", args),
+        **provenance(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
-        "python": platform.python_version(),
         "numpy": np.__version__,
         "pulp": pulp.__version__,
-        "date": date.today().isoformat(),
         "args": vars(args),
         "queries": queries,
         "infeasible_queries": infeasible,

@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from ._provenance import provenance
 from .bank import Bank, json_safe
 from .baselines import METHODS, BaselineConfig, BaselineModel, train_family
 from .data import load_dataset, subset
@@ -49,7 +47,7 @@ from .pipeline import BuildConfig, build, training_subsets
 from .profile import ProfileConfig, peak_activation_bytes, weight_bytes
 from .replay import budget_range, replay
 from .retrain import RetrainConfig
-from .targets import Target, machine
+from .targets import Target
 from .traces import phone
 from .train import evaluate
 from .types import Budget, DeriveConfig
@@ -393,10 +391,7 @@ def run_bench(
         plot_bench(models[-1], out / f"bench-{name}.png")
     result = {
         "config": config.to_dict(),
-        "machine": machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "date": date.today().isoformat(),
+        **provenance(),
         "seconds": time.perf_counter() - start,
         "models": models,
         "goals": [_goals(m) for m in models],
