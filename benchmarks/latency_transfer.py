@@ -136,7 +136,7 @@ def main() -> None:
             f"auto {args.select_k}": (auto, auto_frame),
         }.items():
             plain = selection_ms(latency, frame)
-            fix = _correction(plain, measured[name]["relative"], args.correct_on)
+            fix = _correction(plain, frame, measured[name]["relative"], args.correct_on)
             rows[f"{label}, corrected"] = {
                 **_agreement(np.array([fix(ms) for ms in plain[held]]), truth[held]),
                 "uncorrected_relative_mape_percent": _agreement(plain[held], truth[held])[
@@ -146,7 +146,9 @@ def main() -> None:
             }
         transfer[name] = rows
     picks = {
-        name: _picks(bank, profiles, keys, decomposition, descendants, args, name, measured)
+        name: _picks(
+            bank, profiles, keys, decomposition, descendants, args, name, selections, measured
+        )
         for name in names
         if name != args.proxy
     }
@@ -224,18 +226,25 @@ def _table(bank: Bank, latency: dict[tuple[int, int], float], frame: float, like
     return dataclasses.replace(table, latency_ms=grid, frame_latency_ms=frame)
 
 
-def _correction(plain_ms: np.ndarray, relative: list[float], n: int) -> LatencyCorrection:
-    """The correction of ``plain_ms`` (selection 0 the teacher) fitted on selections 1 to ``n``
-    as measured relative to the teacher, as a validated build fits it."""
+def _correction(
+    plain_ms: np.ndarray, frame_ms: float, relative: list[float], n: int
+) -> LatencyCorrection:
+    """The correction of ``plain_ms`` (selection 0 the teacher; ``frame_ms`` the frame's part)
+    fitted on selections 1 to ``n`` as measured relative to the teacher, as a validated build
+    fits it."""
     ratios = plain_ms / plain_ms[0]
-    return LatencyCorrection.fit(ratios[1 : n + 1], relative[1 : n + 1], float(plain_ms[0]))
+    return LatencyCorrection.fit(
+        ratios[1 : n + 1], relative[1 : n + 1], float(plain_ms[0]), frame_ms
+    )
 
 
 def _corrected(latency: dict, frame: float, fix: LatencyCorrection) -> tuple[dict, float]:
     return {key: fix.scale * ms for key, ms in latency.items()}, fix(frame)
 
 
-def _picks(bank, profiles, keys, decomposition, descendants, args, name, measured) -> list[dict]:
+def _picks(
+    bank, profiles, keys, decomposition, descendants, args, name, selections, measured
+) -> list[dict]:
     """Picks at each budget fraction of the teacher's latency from the k = --select-k
     predictions (fixed proxy, auto proxy, auto proxy under the budget less its held-out MAPE,
     auto proxy through the selection-level correction) and from the full profile (plain and
@@ -245,11 +254,12 @@ def _picks(bank, profiles, keys, decomposition, descendants, args, name, measure
     margin = 1 - (chosen["held_out_mape_percent"] or 0.0) / 100
     full = {key: profiles.descendants[key[0]][key[1]].latency_ms[name] for key in keys}
     full_frame = profiles.frame.latency_ms[name]
-    choices = measured[name]["choices"]
 
     def fitted(latency: dict, frame: float) -> LatencyCorrection:
-        plain = np.array([frame + sum(latency[(b, d)] for b, d in enumerate(c)) for c in choices])
-        return _correction(plain, measured[name]["relative"], args.correct_on)
+        plain = np.array(
+            [frame + sum(latency[(b, d)] for b, d in enumerate(c)) for c in selections]
+        )
+        return _correction(plain, frame, measured[name]["relative"], args.correct_on)
 
     def teacher(latency: dict, frame: float) -> float:
         return frame + sum(latency[(b, 0)] for b in range(len(descendants)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from nets import TinyResNet, tiny_resnet
 from torch import fx, nn
@@ -16,7 +16,7 @@ from torch import fx, nn
 from blockscale.bank import Bank
 from blockscale.data import load_dataset
 from blockscale.derive import derive
-from blockscale.errors import ConfigError
+from blockscale.errors import ConfigError, ProfileError
 from blockscale.extract import compose, extract
 from blockscale.profile import (
     GAMMAS,
@@ -255,7 +255,7 @@ def test_estimate_adds_the_parts():
     assert est["accuracy"] == pytest.approx(0.9 - 0.07)
     assert est["latency_ms"] == pytest.approx(5.0)
     assert est["memory_mb"] == pytest.approx((1000 + 2000 + 3000 + 500) / 2**20)  # frame's peak
-    with pytest.raises(KeyError):
+    with pytest.raises(ProfileError, match="no latency on target 'other-target' for the frame"):
         estimate(bp, [0, 0], "other-target")
 
 
@@ -547,8 +547,9 @@ def test_drop_correction_is_always_increasing(points):
 def test_latency_correction_recovers_an_affine_map(offset, scale, ratios, teacher_ms):
     from blockscale.profile import LatencyCorrection
 
+    assume(offset >= -scale * 0.5)  # the frame, half the teacher, maps to no less than 0
     measured = [offset + scale * r for r in ratios]
-    fit = LatencyCorrection.fit(ratios, measured, teacher_ms)
+    fit = LatencyCorrection.fit(ratios, measured, teacher_ms, frame_ms=0.5 * teacher_ms)
     assert fit.scale == pytest.approx(scale, rel=1e-6, abs=1e-6)
     assert fit.offset_ms == pytest.approx(offset * teacher_ms, rel=1e-6, abs=1e-6 * teacher_ms)
     # in ms: a selection summed at r times the teacher's sum measures offset + scale * r times it
@@ -560,10 +561,26 @@ def test_latency_correction_recovers_an_affine_map(offset, scale, ratios, teache
 def test_latency_correction_is_always_increasing(points):
     from blockscale.profile import LatencyCorrection
 
-    fit = LatencyCorrection.fit([p[0] for p in points], [p[1] for p in points], 2.0)
+    fit = LatencyCorrection.fit([p[0] for p in points], [p[1] for p in points], 2.0, 0.1)
     assert fit.scale > 0
+    assert fit(0.1) >= -1e-12  # the frame's corrected latency is never negative
     if len({p[0] for p in points}) < 2:
         assert fit == LatencyCorrection()
+
+
+def test_latency_correction_that_would_push_the_frame_below_zero_is_the_constrained_optimum():
+    from blockscale.profile import LatencyCorrection
+
+    ratios = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    measured = [1.3 * r - 0.3 for r in ratios]  # the plain fit maps a frame of 0.1 to -0.17
+    fit = LatencyCorrection.fit(ratios, measured, teacher_ms=2.0, frame_ms=0.2)
+    assert fit(0.2) == pytest.approx(0.0, abs=1e-12)
+
+    def loss(scale: float) -> float:  # squared error in ratio space, the frame mapped to 0
+        return sum((scale * (r - 0.1) - m) ** 2 for r, m in zip(ratios, measured, strict=True))
+
+    grid = np.linspace(0.5, 2.0, 3001)
+    assert loss(fit.scale) <= min(loss(g) for g in grid) + 1e-12
 
 
 def test_latency_correction_leave_one_out_on_affine_data():
@@ -573,7 +590,7 @@ def test_latency_correction_leave_one_out_on_affine_data():
         {"estimated_latency_ratio": r, "measured_latency_ratio": 1.2 * r - 0.15}
         for r in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     ]
-    result = corrected_latency_errors(records, teacher_ms=2.0)
+    result = corrected_latency_errors(records, teacher_ms=2.0, frame_ms=1.0)
     assert result["corrected_latency_mape_percent"] == pytest.approx(0.0, abs=1e-9)
     assert result["corrected_latency_spearman"] == pytest.approx(1.0)
     assert result["latency_correction"] == pytest.approx({"offset_ms": -0.3, "scale": 1.2})
@@ -584,7 +601,7 @@ def test_latency_correction_maps_estimates_and_selection(bank, tmp_path):
 
     _, d, families, _, profiles = bank
     name = next(iter(profiles.targets))
-    fix = LatencyCorrection(offset_ms=-0.01, scale=1.3)
+    fix = LatencyCorrection(offset_ms=0.01, scale=1.3)
     corrected = dataclasses.replace(profiles, latency_corrections={name: fix})
     every = list(itertools.product(*(range(len(f)) for f in families)))
     for choices in every:
@@ -601,11 +618,16 @@ def test_latency_correction_maps_estimates_and_selection(bank, tmp_path):
     )
     pick = opened.select(budget)
     fits = [c for c in every if estimate(corrected, c, name)["latency_ms"] <= budget.latency_ms]
-    assert pick.latency_ms == pytest.approx(estimate(corrected, pick.choices, name)["latency_ms"])
+    expected = estimate(corrected, pick.choices, name)["latency_ms"]
+    assert pick.latency_ms == pytest.approx(expected, rel=1e-5)  # the table holds float32
     assert pick.latency_ms <= budget.latency_ms + 1e-9
     assert pick.accuracy == pytest.approx(
         max(estimate(corrected, c, name)["accuracy"] for c in fits)
     )
+    # a correction that would make a part negative is refused with the fix, not a bad table
+    broken = LatencyCorrection(offset_ms=-1.0 - profiles.frame.latency_ms[name], scale=1.0)
+    with pytest.raises(ProfileError, match="measure the target again"):
+        dataclasses.replace(profiles, latency_corrections={name: broken}).latencies(name)
     # measuring the target again drops the correction fitted on its earlier latencies
     again = add_target(restored, d, families, Target.parse(name), FAST, progress=False)
     assert name not in again.latency_corrections and name not in again.validation

@@ -150,19 +150,29 @@ class LatencyCorrection:
 
     @classmethod
     def fit(
-        cls, estimated: Sequence[float], measured: Sequence[float], teacher_ms: float
+        cls,
+        estimated: Sequence[float],
+        measured: Sequence[float],
+        teacher_ms: float,
+        frame_ms: float = 0.0,
     ) -> LatencyCorrection:
         """Least squares of ``measured`` on ``estimated``, both ratios to the teacher (timed in
         the same turns, so the machine's drift cancels), turned into ms with the teacher's
-        summed latency ``teacher_ms``; the identity when the fit is not increasing."""
+        summed latency ``teacher_ms``. Constrained so that the frame's ``frame_ms`` maps to no
+        less than 0 (a latency the selector adds up must not be negative): when the plain fit
+        breaks that, the best fit with the frame mapped to exactly 0. The identity when the fit
+        is not increasing."""
         x = np.asarray(estimated, dtype=float)
         y = np.asarray(measured, dtype=float)
         if len(x) < 2 or np.ptp(x) <= 0:
             return cls()
+        frame = frame_ms / teacher_ms
         scale, offset = np.polyfit(x, y, 1)
-        if scale <= 0:
-            return cls()
-        return cls(float(offset) * teacher_ms, float(scale))
+        if offset >= -scale * frame:
+            return cls(float(offset) * teacher_ms, float(scale)) if scale > 0 else cls()
+        shifted = x - frame
+        scale = float(shifted @ y) / float(shifted @ shifted)
+        return cls(-scale * frame_ms, scale) if scale > 0 else cls()  # the frame to exactly 0
 
 
 @dataclass
@@ -203,7 +213,15 @@ class BankProfile:
                     "profiled on",
                 )
         fix = self.latency_corrections.get(target, LatencyCorrection())
-        return fix(self.frame.latency_ms[target]), [
+        frame_ms = fix(self.frame.latency_ms[target])
+        if frame_ms < 0 or fix.scale <= 0:
+            raise ProfileError(
+                f"the latency correction of target {target!r} ({fix}) maps the frame or a "
+                "descendant below 0 ms",
+                hint=f"measure the target again (blockscale profile BANK --target {target}), "
+                "which drops the correction",
+            )
+        return frame_ms, [
             [fix.scale * p.latency_ms[target] for p in family] for family in self.descendants
         ]
 
@@ -860,24 +878,26 @@ def validate(
     summary = summarize_validation(records, target.name, time.perf_counter() - start)
     summary.update(corrected_accuracy_errors(records, bank_profile))
     summary.update(weighted_accuracy_errors(records, bank_profile))
-    summary.update(corrected_latency_errors(records, teacher_estimate))
+    frame_ms = summed.frame.latency_ms[target.name]
+    summary.update(corrected_latency_errors(records, teacher_estimate, frame_ms))
     return summary
 
 
 def corrected_latency_errors(
-    records: Sequence[dict[str, Any]], teacher_ms: float
+    records: Sequence[dict[str, Any]], teacher_ms: float, frame_ms: float = 0.0
 ) -> dict[str, Any]:
     """MAPE and Spearman of the :class:`LatencyCorrection` on latency relative to the teacher,
-    by leave-one-out, and the correction fitted on all ``records`` (``teacher_ms``: the
-    teacher's summed latency on the target)."""
+    by leave-one-out, and the correction fitted on all ``records`` (``teacher_ms`` and
+    ``frame_ms``: the teacher's summed latency and the frame's on the target)."""
     est = [r["estimated_latency_ratio"] for r in records]
     real = [r["measured_latency_ratio"] for r in records]
+    frame = frame_ms / teacher_ms
     predictions = []
     for i in range(len(records)):
-        fit = LatencyCorrection.fit(est[:i] + est[i + 1 :], real[:i] + real[i + 1 :], 1.0)
-        predictions.append(fit(est[i]))
+        rest_est, rest_real = est[:i] + est[i + 1 :], real[:i] + real[i + 1 :]
+        predictions.append(LatencyCorrection.fit(rest_est, rest_real, 1.0, frame)(est[i]))
     return {
-        "latency_correction": LatencyCorrection.fit(est, real, teacher_ms).to_dict(),
+        "latency_correction": LatencyCorrection.fit(est, real, teacher_ms, frame_ms).to_dict(),
         "corrected_latency_mape_percent": 100
         * statistics.fmean(abs(p - m) / m for p, m in zip(predictions, real, strict=True)),
         "corrected_latency_spearman": spearman(predictions, real),
