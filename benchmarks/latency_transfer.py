@@ -147,7 +147,7 @@ def main() -> None:
         transfer[name] = rows
     picks = {
         name: _picks(
-            bank, profiles, keys, decomposition, descendants, args, name, selections, measured
+            bank, profiles, keys, decomposition, descendants, args, name, selection_ms, measured
         )
         for name in names
         if name != args.proxy
@@ -243,7 +243,7 @@ def _corrected(latency: dict, frame: float, fix: LatencyCorrection) -> tuple[dic
 
 
 def _picks(
-    bank, profiles, keys, decomposition, descendants, args, name, selections, measured
+    bank, profiles, keys, decomposition, descendants, args, name, selection_ms, measured
 ) -> list[dict]:
     """Picks at each budget fraction of the teacher's latency from the k = --select-k
     predictions (fixed proxy, auto proxy, auto proxy under the budget less its held-out MAPE,
@@ -256,10 +256,9 @@ def _picks(
     full_frame = profiles.frame.latency_ms[name]
 
     def fitted(latency: dict, frame: float) -> LatencyCorrection:
-        plain = np.array(
-            [frame + sum(latency[(b, d)] for b, d in enumerate(c)) for c in selections]
+        return _correction(
+            selection_ms(latency, frame), frame, measured[name]["relative"], args.correct_on
         )
-        return _correction(plain, frame, measured[name]["relative"], args.correct_on)
 
     def teacher(latency: dict, frame: float) -> float:
         return frame + sum(latency[(b, 0)] for b in range(len(descendants)))

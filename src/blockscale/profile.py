@@ -34,7 +34,7 @@ from .errors import ConfigError, ProfileError, UntraceableModelError
 from .extract import Decomposition, compose, slot_name, trace
 from .targets import Target
 from .train import evaluate
-from .types import Profile
+from .types import Profile, require_latency
 
 
 @dataclass(frozen=True)
@@ -204,14 +204,7 @@ class BankProfile:
     def latencies(self, target: str) -> tuple[float, list[list[float]]]:
         """The frame's and every descendant's latency on ``target`` (ms), through the target's
         :class:`LatencyCorrection` if it has one."""
-        for p in (self.frame, *(p for family in self.descendants for p in family)):
-            if target not in p.latency_ms:
-                where = "the frame" if p.block == -1 else f"block {p.block} descendant {p.index}"
-                raise ProfileError(
-                    f"no latency on target {target!r} for {where}",
-                    hint=f"profile the bank on {target!r}, or select for a target it was "
-                    "profiled on",
-                )
+        require_latency([self.frame, *(p for family in self.descendants for p in family)], target)
         fix = self.latency_corrections.get(target, LatencyCorrection())
         frame_ms = fix(self.frame.latency_ms[target])
         if frame_ms < 0 or fix.scale <= 0:

@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import InfeasibleBudgetError, ProfileError
-from .types import Budget, Profile, Selection
+from .errors import InfeasibleBudgetError
+from .types import Budget, Profile, Selection, require_latency
 
 _MIB = float(2**20)
 _DROP_STEPS = 2.0**32
@@ -247,16 +247,7 @@ class CostTable:
         target: str,
     ) -> CostTable:
         """Collect a bank's costs on ``target`` from its profiles, ``profiles[b][d]``, and its frame's."""
-        everyone = [frame, *(p for block in profiles for p in block)]
-        for p in everyone:
-            if target not in p.latency_ms:
-                common = set.intersection(*(set(q.latency_ms) for q in everyone))
-                where = "the frame" if p.block == -1 else f"block {p.block} descendant {p.index}"
-                raise ProfileError(
-                    f"no latency on target {target!r} for {where}; targets profiled for every "
-                    f"block and the frame: {', '.join(sorted(common)) or 'none'}",
-                    hint=f"profile the bank on {target!r}, or select for a target it was profiled on",
-                )
+        require_latency([frame, *(p for block in profiles for p in block)], target)
         for b, block in enumerate(profiles):
             for d, p in enumerate(block):
                 if (p.block, p.index) != (b, d):

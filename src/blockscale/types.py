@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, ProfileError
 
 FrameKind = Literal["graph", "module"]
 
@@ -220,6 +221,20 @@ class Profile:
             activation_bytes=int(data["activation_bytes"]),
             latency_ms={str(k): float(v) for k, v in data.get("latency_ms", {}).items()},
         )
+
+
+def require_latency(parts: Sequence[Profile], target: str) -> None:
+    """Raise a :class:`ProfileError` naming the first of ``parts`` (the frame and descendants)
+    with no latency on ``target``, and the targets every part has."""
+    for p in parts:
+        if target not in p.latency_ms:
+            common = set.intersection(*(set(q.latency_ms) for q in parts))
+            where = "the frame" if p.block == -1 else f"block {p.block} descendant {p.index}"
+            raise ProfileError(
+                f"no latency on target {target!r} for {where}; targets profiled for every "
+                f"block and the frame: {', '.join(sorted(common)) or 'none'}",
+                hint=f"profile the bank on {target!r}, or select for a target it was profiled on",
+            )
 
 
 @dataclass(frozen=True)
