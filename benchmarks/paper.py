@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--train-images", type=int)
     parser.add_argument("--validate-samples", type=int)
+    parser.add_argument("--round-to", type=int, help="1: exact widths (default 8)")
     parser.add_argument("--target")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/paper")
@@ -36,6 +37,7 @@ def main() -> None:
             ("epochs", args.epochs),
             ("train_images", args.train_images),
             ("validate_samples", args.validate_samples),
+            ("round_to", args.round_to),
             ("target", args.target),
         )
         if v is not None

@@ -31,13 +31,13 @@ def _params(model: nn.Module) -> int:
 def test_every_baseline_keeps_the_teachers_input_and_output_and_shrinks(setup):
     d, _ = setup
     x = torch.randn(3, *SHAPE)
-    teacher = _params(pruned_model(d, "uniform", 0.0))
+    teacher = _params(pruned_model(d, "uniform", 0.0, round_to=1))
     for method in METHODS:
-        sizes = [_params(pruned_model(d, method, s)) for s in (0.25, 0.5, 0.75)]
+        sizes = [_params(pruned_model(d, method, s, round_to=1)) for s in (0.25, 0.5, 0.75)]
         assert teacher > sizes[0] > sizes[1] > sizes[2], (method, sizes)
-        assert pruned_model(d, method, 0.5).eval()(x).shape == (3, 4)
+        assert pruned_model(d, method, 0.5, round_to=1).eval()(x).shape == (3, 4)
     # uniform keeps the blocks' boundary (residual stream) channels; compression prunes them too
-    uniform, compression = (pruned_model(d, m, 0.5) for m in ("uniform", "compression"))
+    uniform, compression = (pruned_model(d, m, 0.5, round_to=1) for m in ("uniform", "compression"))
     assert _params(compression) < _params(uniform)
     assert uniform.get_submodule("stem.0").out_channels == 8
     assert compression.get_submodule("stem.0").out_channels == 4
@@ -45,8 +45,8 @@ def test_every_baseline_keeps_the_teachers_input_and_output_and_shrinks(setup):
 
 def test_the_student_starts_from_scratch_and_compression_from_the_teacher(setup):
     d, _ = setup
-    compressed = pruned_model(d, "compression", 0.5)
-    student = pruned_model(d, "distillation", 0.5)
+    compressed = pruned_model(d, "compression", 0.5, round_to=1)
+    student = pruned_model(d, "distillation", 0.5, round_to=1)
     shapes = [p.shape for p in compressed.parameters()]
     assert shapes == [p.shape for p in student.parameters()]  # the same architecture
     weight = "stem.0.weight"
@@ -83,7 +83,7 @@ def test_the_distillation_loss():
 @pytest.mark.parametrize("method", METHODS)
 def test_a_family_trains_one_member_per_level_deterministically(setup, method):
     d, data = setup
-    config = BaselineConfig(sparsities=(0.25, 0.75), epochs=2, lr=1e-2, batch_size=32)
+    config = BaselineConfig(sparsities=(0.25, 0.75), epochs=2, lr=1e-2, batch_size=32, round_to=1)
     family = train_family(method, d, data, data, config, progress=False)
     assert [m.sparsity for m in family] == [0.25, 0.75]
     for member in family:
@@ -104,7 +104,7 @@ def test_a_family_trains_one_member_per_level_deterministically(setup, method):
 
 def test_training_improves_a_student_from_scratch(setup):
     d, data = setup
-    config = BaselineConfig(sparsities=(0.25,), epochs=6, lr=1e-2, batch_size=16)
+    config = BaselineConfig(sparsities=(0.25,), epochs=6, lr=1e-2, batch_size=16, round_to=1)
     (student,) = train_family("distillation", d, data, data, config, progress=False)
     assert student.accuracy > student.history[0]["val_accuracy"] + 0.2
 
@@ -118,6 +118,8 @@ def test_bad_configs_are_named():
         BaselineConfig(alpha=1.5)
     with pytest.raises(ConfigError, match="importance"):
         BaselineConfig(importance="random")
+    with pytest.raises(ConfigError, match="round_to"):
+        BaselineConfig(round_to=0)
     with pytest.raises(ConfigError, match="unknown baseline"):
         pruned_model(None, "slimmable", 0.5)
     config = BaselineConfig(sparsities=[0.5], epochs=3)

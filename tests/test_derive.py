@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,7 +9,7 @@ from torch import nn
 
 from blockscale.derive import _kept, derive, prune_block
 from blockscale.extract import compose, extract
-from blockscale.models import list_models
+from blockscale.models import create_model, list_models
 from blockscale.types import DeriveConfig
 
 
@@ -23,7 +25,7 @@ def derived(request):
     torch.manual_seed(0)
     model = request.param()
     d = extract(model, torch.randn(1, 3, 16, 16))
-    return model, d, derive(d, DeriveConfig(sparsities=(0.0, 0.5, 0.9)))
+    return model, d, derive(d, DeriveConfig(sparsities=(0.0, 0.5, 0.9), round_to=1))
 
 
 def test_every_descendant_keeps_the_block_shapes(derived):
@@ -75,12 +77,24 @@ def test_pruning_keeps_the_strongest_filters():
     assert pruned.get_submodule("2").in_channels == 2
 
 
-def test_round_to_rounds_kept_channels_up():
-    d = extract(thin_zoo_model("resnet18"), torch.randn(1, 3, 16, 16))
-    families = derive(d, DeriveConfig(sparsities=(0.0, 0.7), round_to=8))
-    for family in families:
+@pytest.mark.parametrize("round_to", [None, 4])
+def test_round_to_rounds_kept_channels_up(round_to):
+    d = extract(create_model("resnet20").eval(), torch.randn(1, 3, 16, 16))
+    config = DeriveConfig(sparsities=(0.0, 0.7))
+    config = config if round_to is None else replace(config, round_to=round_to)
+    multiple = round_to or 8  # the default
+    pruned = 0
+    for family in derive(d, config):
         for original, kept in family[1].info.channels.values():
-            assert kept % 8 == 0 or kept == original
+            assert kept % multiple == 0 or kept == original
+            pruned += kept < original
+    assert pruned > 0
+
+
+def test_a_stored_config_without_round_to_keeps_exact_widths():
+    """Banks written before widths were rounded by default must derive as they did."""
+    assert DeriveConfig.from_dict({"sparsities": [0.0, 0.5]}).round_to is None
+    assert DeriveConfig.from_dict(DeriveConfig().to_dict()).round_to == 8
 
 
 @settings(max_examples=60, deadline=None)

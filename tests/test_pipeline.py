@@ -16,7 +16,7 @@ from blockscale.types import DeriveConfig
 
 SPARSITIES = (0.0, 0.5)
 CONFIG = BuildConfig(
-    derive=DeriveConfig(sparsities=SPARSITIES),
+    derive=DeriveConfig(sparsities=SPARSITIES, round_to=1),
     retrain=RetrainConfig(epochs=2, lr=1e-2, batch_size=32, cache="memory"),
     profile=ProfileConfig(warmup=1, repeats=2, batch_size=64),
     retrain_samples=128,

@@ -162,7 +162,7 @@ def bank():
         teacher, train_set, val_set, TrainConfig(epochs=3, batch_size=32, lr=0.05), progress=False
     )
     d = extract(teacher, torch.zeros(1, 1, 8, 8))
-    families = derive(d, DeriveConfig(sparsities=SPARSITIES))
+    families = derive(d, DeriveConfig(sparsities=SPARSITIES, round_to=1))
     profiles = profile(d, families, val_set, Target(), FAST, progress=False)
     return teacher, d, families, val_set, profiles
 
@@ -282,7 +282,7 @@ def test_the_models_input_counts_once_around_every_block():
     # the caller holds the 4x8x8 input throughout: around res1 it is res1's own input (counted in
     # res1's peak), around res2 it is held besides
     assert slot_context_bytes(d) == [0, S]
-    families = derive(d, DeriveConfig(sparsities=SPARSITIES))
+    families = derive(d, DeriveConfig(sparsities=SPARSITIES, round_to=1))
     val_set = load_dataset("synthetic", "test", n=32, num_classes=4, in_channels=4, size=8)
     profiles = profile(d, families, val_set, Target(), FAST, progress=False)
     for choices in itertools.product(range(len(SPARSITIES)), repeat=2):

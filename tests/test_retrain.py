@@ -30,7 +30,7 @@ def setup():
 
 
 def _families(d):
-    return derive(d, DeriveConfig(sparsities=SPARSITIES))
+    return derive(d, DeriveConfig(sparsities=SPARSITIES, round_to=1))
 
 
 def _run(setup, **changes):
@@ -120,11 +120,23 @@ def test_unpruned_descendants_are_untouched(setup):
     for b, family in enumerate(families):
         for desc in family:
             key = desc.info.key
-            if desc.info.sparsity == 0:
+            if not desc.info.pruned:
                 assert _same_state(before[key], after[key])
                 assert _same_state(after[key], d.blocks[b].state_dict())
             else:
                 assert not _same_state(before[key], after[key])
+
+
+def test_a_level_that_rounding_keeps_whole_is_the_original_block(setup):
+    """Hidden width 8 at sparsity 0.5 keeps 4, rounded up to 8: nothing is removed, so the
+    descendant is the teacher's block and retraining leaves it so."""
+    _, d, data = setup
+    families = derive(d, DeriveConfig(sparsities=(0.0, 0.5), round_to=8))
+    assert all(desc.info.sparsity == 0.5 and not desc.info.pruned for _, desc in families)
+    report = retrain(d, families, data, CONFIG, progress=False)
+    for b, (_, desc) in enumerate(families):
+        assert _same_state(desc.module.state_dict(), d.blocks[b].state_dict())
+        assert report.epoch_seconds[b][1] == []
 
 
 def test_retraining_is_deterministic_per_seed(setup):

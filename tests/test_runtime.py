@@ -61,7 +61,7 @@ def _profiles() -> BankProfile:
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory):
     d = extract(tiny_resnet(), torch.zeros(1, *SHAPE))
-    families = derive(d, DeriveConfig(sparsities=SPARSITIES))
+    families = derive(d, DeriveConfig(sparsities=SPARSITIES, round_to=1))
     path = tmp_path_factory.mktemp("runtime") / "bank"
     return Bank.write(path, d, families, extra={"profiles": _profiles().to_dict()})
 

@@ -291,7 +291,7 @@ def bank(tmp_path_factory):
     latency = {"torch-1t": [[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]}
     profiles = _bank_profile(latency, {"torch-1t": 1.0})
     d = extract(tiny_resnet(), torch.zeros(1, 1, 8, 8))
-    families = derive(d, DeriveConfig(sparsities=(0.0, 0.5, 0.75)))
+    families = derive(d, DeriveConfig(sparsities=(0.0, 0.5, 0.75), round_to=1))
     path = tmp_path_factory.mktemp("transfer") / "bank"
     Bank.write(path, d, families, extra={"profiles": profiles.to_dict()})
     return path

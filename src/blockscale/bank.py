@@ -491,7 +491,9 @@ def _decode(
 
 
 def _config_of(descendants: Sequence[Sequence[Descendant]]) -> DeriveConfig:
-    return DeriveConfig(sparsities=tuple(d.info.sparsity for d in descendants[0]))
+    """The levels of descendants written without their config; widths as they are (no rounding
+    is claimed that the caller did not name)."""
+    return DeriveConfig(sparsities=tuple(d.info.sparsity for d in descendants[0]), round_to=None)
 
 
 _FILE_NAME = re.compile(r"^(frame|blocks/b\d+-d\d+)\.safetensors$")

@@ -42,7 +42,8 @@ METHODS: tuple[Method, ...] = ("uniform", "compression", "distillation")
 class BaselineConfig:
     """How the baseline families are made and trained: the sparsity levels (one member each),
     epochs, Adam's learning rate, batch size, the distillation temperature and weight, the pruning
-    importance and the seed."""
+    importance, the multiple kept widths are rounded up to (as :class:`DeriveConfig`'s, so the
+    families run on the same SIMD-friendly widths as the bank) and the seed."""
 
     sparsities: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 0.9)
     epochs: int = 5
@@ -51,6 +52,7 @@ class BaselineConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     importance: str = "l1"
+    round_to: int | None = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +76,8 @@ class BaselineConfig:
             raise ConfigError(
                 f"BaselineConfig.importance must be l1 or l2, got {self.importance!r}"
             )
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"BaselineConfig.round_to must be positive, got {self.round_to}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,7 +117,11 @@ class BaselineModel:
 
 
 def pruned_model(
-    decomposition: Decomposition, method: Method, sparsity: float, importance: str = "l1"
+    decomposition: Decomposition,
+    method: Method,
+    sparsity: float,
+    importance: str = "l1",
+    round_to: int | None = 8,
 ) -> nn.Module:
     """The untrained architecture of ``method`` at ``sparsity``, weights pruned from the teacher
     (``distillation`` re-initialises them)."""
@@ -124,7 +132,7 @@ def pruned_model(
         blocks = [
             prune_block(
                 block, info.input_shape, info.output_shape, sparsity,
-                importance=importance, name=info.name,
+                round_to=round_to, importance=importance, name=info.name,
             )[0]
             for info, block in zip(plan.blocks, decomposition.blocks, strict=True)
         ]  # fmt: skip
@@ -137,6 +145,7 @@ def pruned_model(
         plan.input_shape,
         tuple(logits.shape[1:]),
         sparsity,
+        round_to=round_to,
         importance=importance,
         name=plan.model,
     )
@@ -162,7 +171,7 @@ def train_family(
     teacher = compose(decomposition, decomposition.blocks).eval()
     family = []
     for level, sparsity in enumerate(config.sparsities):
-        model = pruned_model(decomposition, method, sparsity, config.importance)
+        model = pruned_model(decomposition, method, sparsity, config.importance, config.round_to)
         seconds, history = _fit(
             model,
             train_set,

@@ -60,7 +60,8 @@ _MIB = float(2**20)
 @dataclass(frozen=True)
 class BenchConfig:
     """What the evaluation runs: models (each needs ``checkpoints/MODEL-DATASET.safetensors``),
-    the bank's sparsity levels (the families get the same, less 0), epochs for bank and families
+    the bank's sparsity levels (the families get the same, less 0) and the multiple every kept
+    width is rounded up to (bank and families alike; :class:`DeriveConfig`), epochs for bank and families
     alike, image counts, the random selections the build validates (and fits its corrections
     on, as a default build does), budget fractions, the target, the trace length, the seed, and
     how latency is timed."""
@@ -69,6 +70,7 @@ class BenchConfig:
     dataset: str = "fashion-mnist"
     checkpoints: str = "checkpoints"
     sparsities: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
+    round_to: int | None = 8
     epochs: int = 5
     train_images: int = 10_000
     val_images: int = 2_000
@@ -147,7 +149,7 @@ def bench_model(
     train_set = load_dataset(config.dataset, "train")
     test_set = subset(load_dataset(config.dataset, "test"), config.test_images, seed=config.seed)
     build_config = BuildConfig(
-        derive=DeriveConfig(sparsities=config.sparsities),
+        derive=DeriveConfig(sparsities=config.sparsities, round_to=config.round_to),
         retrain=RetrainConfig(epochs=config.epochs, seed=config.seed),
         profile=config.timing,
         target=config.target,
@@ -170,7 +172,10 @@ def bench_model(
     )
     decomposition = bank.decomposition()
     baseline = BaselineConfig(
-        sparsities=config.sparsities[1:], epochs=config.epochs, seed=config.seed
+        sparsities=config.sparsities[1:],
+        epochs=config.epochs,
+        round_to=config.round_to,
+        seed=config.seed,
     )
     families: dict[str, list[BaselineModel]] = {}
     for method in METHODS:

@@ -50,6 +50,14 @@ SparsitiesOpt = Annotated[
     str,
     typer.Option("--sparsities", help="Comma-separated channel sparsities; 0 keeps the original."),
 ]
+RoundToOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Round kept channels up to a multiple of this (8: the widths SIMD kernels run "
+        "blocked; 1: exact widths).",
+    ),
+]
 
 
 def _emit(data: Any, as_json: bool, render: Any) -> None:
@@ -294,9 +302,7 @@ def derive(
     input_shape: ShapeOpt = None,
     blocks: BlocksOpt = None,
     sparsities: SparsitiesOpt = "0,0.2,0.4,0.6,0.8,0.9",
-    round_to: Annotated[
-        int | None, typer.Option(help="Round kept channels up to a multiple of this.")
-    ] = None,
+    round_to: RoundToOpt = 8,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bank.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -357,9 +363,7 @@ def build(
     data_root: Annotated[Path | None, typer.Option(help="Folder holding the data set.")] = None,
     blocks: BlocksOpt = None,
     sparsities: SparsitiesOpt = "0,0.2,0.4,0.6,0.8,0.9",
-    round_to: Annotated[
-        int | None, typer.Option(help="Round kept channels up to a multiple of this.")
-    ] = None,
+    round_to: RoundToOpt = 8,
     epochs: Annotated[int, typer.Option(help="Retraining epochs per descendant.")] = 10,
     lr: Annotated[float, typer.Option(help="Retraining learning rate (Adam).")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Retraining batch size.")] = 64,
@@ -554,6 +558,10 @@ def bench(
         int | None,
         typer.Option(help="Random selections the build measures to fit its corrections (0: none)."),
     ] = None,
+    round_to: Annotated[
+        int | None,
+        typer.Option(min=1, help="Round kept widths up to a multiple of this, bank and baselines."),
+    ] = None,
     target: Annotated[str | None, typer.Option(help="Target latency is measured on.")] = None,
     checkpoints: Annotated[
         Path, typer.Option(help="Folder of MODEL-DATASET.safetensors teachers.")
@@ -576,6 +584,7 @@ def bench(
             ("epochs", epochs),
             ("train_images", train_images),
             ("validate_samples", validate_samples),
+            ("round_to", round_to),
             ("target", target),
         ):
             if value is not None:

@@ -451,7 +451,7 @@ def profile(
             for d in family:
                 blocks = list(decomposition.blocks)
                 blocks[info.index] = d.module
-                if d.info.sparsity == 0:
+                if not d.info.pruned:
                     accuracy, changed = teacher_accuracy, None
                 else:
                     changed, _ = _logits(compose(decomposition, blocks), val_set, config.batch_size)
@@ -500,7 +500,7 @@ def _logits(model: nn.Module, dataset: Dataset, batch_size: int) -> tuple[np.nda
 
 def _logits_bytes(teacher: np.ndarray, descendants: Sequence[Sequence[Descendant]]) -> int:
     """What keeping every pruned descendant's logits for the interaction fit takes."""
-    pruned = sum(d.info.sparsity > 0 for family in descendants for d in family)
+    pruned = sum(d.info.pruned for family in descendants for d in family)
     return teacher.nbytes * pruned
 
 
@@ -672,16 +672,14 @@ def _slot_latency(
     descendant is wanted."""
     plan = decomposition.plan
     runs = []
-    unpruned = {
-        (d.info.block, d.info.index) for f in descendants for d in f if d.info.sparsity == 0
-    }
+    unpruned = {(d.info.block, d.info.index) for f in descendants for d in f if not d.info.pruned}
     if frame or wanted & unpruned:
         runs.append(
             (compose(decomposition, decomposition.blocks), list(decomposition.blocks), None)
         )
     for info, family in zip(plan.blocks, descendants, strict=True):
         for d in family:
-            if d.info.sparsity > 0 and (info.index, d.info.index) in wanted:
+            if d.info.pruned and (info.index, d.info.index) in wanted:
                 blocks = list(decomposition.blocks)
                 blocks[info.index] = d.module
                 runs.append(

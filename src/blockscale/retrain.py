@@ -359,7 +359,7 @@ def _distill(
         return _teacher_pairs(decomposition, images)
 
     val_batches = [pairs_for(b) for b in batches(val_idx, False, 0)] if n_val else []
-    trainable = [[d for d in family if d.info.sparsity > 0] for family in descendants]
+    trainable = [[d for d in family if d.info.pruned] for family in descendants]
     states = {}
     optimizers = {}
     for family in trainable:
@@ -409,9 +409,9 @@ def _distill(
             for b, family in enumerate(descendants):
                 block_val = [pairs[b] for pairs in val_batches]
                 for i, d in enumerate(family):
-                    if d.info.sparsity > 0:
+                    if d.info.pruned:
                         report.epoch_seconds[b][i].append(spent[d.info.key])
-                    if d.info.sparsity == 0 or not block_val:
+                    if not d.info.pruned or not block_val:
                         continue  # without validation data the last state is kept
                     mse = _val_mse(d.module, block_val)
                     report.history[b][i].append(mse)

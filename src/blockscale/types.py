@@ -96,12 +96,18 @@ class DeriveConfig:
     """How descendants are derived from each block.
 
     ``sparsities`` are fractions of each internal channel group removed (0.0 keeps the original
-    block); ``round_to`` rounds every kept channel count up to a multiple (e.g. 8 for SIMD-friendly
+    block); ``round_to`` rounds every kept channel count up to a multiple (1 or None: exact
     widths); ``importance`` ranks channels (``"l1"``: L1 norm of the group's weights, as LegoDNN).
+
+    Widths default to multiples of 8, which SIMD kernels run in their blocked layouts: ONNX
+    Runtime falls back to plain layouts around a block of odd width, so such a descendant runs
+    slower inside the whole graph than alone, and the selections' summed latency understates
+    what they measure (MobileNetV2 on ort-1t: 25 of 30 random selections more than 5% slower
+    than summed with exact widths, none with multiples of 8; docs/benchmarks.md).
     """
 
     sparsities: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
-    round_to: int | None = None
+    round_to: int | None = 8
     importance: Literal["l1", "l2"] = "l1"
 
     def __post_init__(self) -> None:
@@ -148,6 +154,13 @@ class DescendantInfo:
     @property
     def key(self) -> str:
         return f"b{self.block}-d{self.index}"
+
+    @property
+    def pruned(self) -> bool:
+        """Whether any channel was removed. One that removes none (its block has nothing
+        internal, or rounding kept every width) is the original block: not retrained, and its
+        accuracy is the teacher's."""
+        return bool(self.channels)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
