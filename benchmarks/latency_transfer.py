@@ -20,7 +20,9 @@ builds it), in one run:
 - the selection-level latency correction a validated build fits
   (``blockscale.profile.LatencyCorrection``): fitted on the first ``--correct-on`` measured
   selections, applied to the target's own profile and to the auto prediction at k =
-  ``--select-k``, scored on the other selections and in the picks;
+  ``--select-k``, scored on the other selections and in the picks; and the margin for
+  ``--confidence`` that a validated build keeps with it (``Bank.select(..., confidence=)``),
+  drawn from the same selections' leave-one-out residuals, in the picks;
 - the scalable predictor (target features and descendant features to latency), leave one target
   out: each target predicted from the others and its probe-block signature alone;
 - an amortised optimizer (nearest known target by signature, its stored exact picks per budget
@@ -44,7 +46,15 @@ from matplotlib.figure import Figure
 from blockscale import Bank
 from blockscale._provenance import command, provenance
 from blockscale.errors import InfeasibleBudgetError
-from blockscale.profile import LatencyCorrection, ProfileConfig, add_target, estimate, spearman
+from blockscale.profile import (
+    LatencyCorrection,
+    ProfileConfig,
+    add_target,
+    corrected_latency_errors,
+    estimate,
+    kept_latency_estimate,
+    spearman,
+)
 from blockscale.select import CostTable, solve
 from blockscale.targets import Target
 from blockscale.transfer import (
@@ -75,6 +85,9 @@ def main() -> None:
     parser.add_argument("--select-k", type=int, default=10)
     parser.add_argument(
         "--correct-on", type=int, default=10, help="measured selections the correction is fit on"
+    )
+    parser.add_argument(
+        "--confidence", type=float, default=0.95, help="the picks' confidence of meeting a budget"
     )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--reprofile", action="store_true", help="time targets already profiled")
@@ -238,8 +251,27 @@ def _correction(
     )
 
 
-def _corrected(latency: dict, frame: float, fix: LatencyCorrection) -> tuple[dict, float]:
-    return {key: fix.scale * ms for key, ms in latency.items()}, fix(frame)
+def _kept(
+    plain_ms: np.ndarray, frame_ms: float, relative: list[float], n: int
+) -> LatencyCorrection:
+    """What a validated build keeps from selections 1 to ``n`` (``blockscale.profile``'s
+    ``kept_latency_estimate``): the correction or the plain sum, with its residuals."""
+    ratios = plain_ms / plain_ms[0]
+    records = [
+        {"estimated_latency_ratio": e, "measured_latency_ratio": m}
+        for e, m in zip(ratios[1 : n + 1], relative[1 : n + 1], strict=True)
+    ]
+    check = corrected_latency_errors(records, float(plain_ms[0]), frame_ms)
+    check["relative_latency_mape_percent"] = 100 * statistics.fmean(
+        abs(1 / r - 1) for r in check["plain_latency_residuals"]
+    )
+    return kept_latency_estimate(check)
+
+
+def _corrected(
+    latency: dict, frame: float, fix: LatencyCorrection, margin: float = 1.0
+) -> tuple[dict, float]:
+    return {key: margin * fix.scale * ms for key, ms in latency.items()}, margin * fix(frame)
 
 
 def _picks(
@@ -247,8 +279,9 @@ def _picks(
 ) -> list[dict]:
     """Picks at each budget fraction of the teacher's latency from the k = --select-k
     predictions (fixed proxy, auto proxy, auto proxy under the budget less its held-out MAPE,
-    auto proxy through the selection-level correction) and from the full profile (plain and
-    corrected), all measured on ``name`` in one pass."""
+    auto proxy through the selection-level correction, and through what a validated build keeps
+    with the margin of ``--confidence``) and from the full profile (plain, corrected, and kept
+    with the margin), all measured on ``name`` in one pass."""
     fixed, frame, _ = _predict(profiles, keys, args.proxy, name, args.select_k, args.seed)
     auto, auto_frame, chosen = _predict(profiles, keys, "auto", name, args.select_k, args.seed)
     margin = 1 - (chosen["held_out_mape_percent"] or 0.0) / 100
@@ -259,6 +292,11 @@ def _picks(
         return _correction(
             selection_ms(latency, frame), frame, measured[name]["relative"], args.correct_on
         )
+
+    def confident(latency: dict, frame: float) -> tuple[dict, float]:
+        plain = selection_ms(latency, frame)
+        kept = _kept(plain, frame, measured[name]["relative"], args.correct_on)
+        return _corrected(latency, frame, kept, kept.headroom(args.confidence))
 
     def teacher(latency: dict, frame: float) -> float:
         return frame + sum(latency[(b, 0)] for b in range(len(descendants)))
@@ -276,6 +314,14 @@ def _picks(
         "profiled": (_table(bank, full, full_frame, name), teacher(full, full_frame)),
         "profiled_corrected": (
             _table(bank, *_corrected(full, full_frame, fitted(full, full_frame)), name),
+            teacher(full, full_frame),
+        ),
+        "auto_confident": (
+            _table(bank, *confident(auto, auto_frame), name),
+            teacher(auto, auto_frame),
+        ),
+        "profiled_confident": (
+            _table(bank, *confident(full, full_frame), name),
             teacher(full, full_frame),
         ),
     }
@@ -301,8 +347,12 @@ def _picks(
         for source in sources:
             if row[source] is not None:
                 r = ratio[tuple(row[source]["choices"])]
-                row[source].update(measured_ratio=r, meets_budget=r <= row["fraction"] * 1.02)
-        for source in ("predicted", "auto", "auto_margin", "auto_corrected", "profiled_corrected"):
+                row[source].update(
+                    measured_ratio=r,
+                    meets_budget=r <= row["fraction"] * 1.02,
+                    meets_budget_strictly=r <= row["fraction"],
+                )
+        for source in sources.keys() - {"profiled"}:
             both = row[source] is not None and row["profiled"] is not None
             row[f"{source}_accuracy_lost_points"] = (
                 100 * (row["profiled"]["accuracy"] - row[source]["accuracy"]) if both else None
@@ -416,8 +466,10 @@ def _summary(transfer, picks, predictor, args) -> dict:
         "auto",
         "auto_margin",
         "auto_corrected",
+        "auto_confident",
         "profiled",
         "profiled_corrected",
+        "profiled_confident",
     ):
         lost = [r.get(f"{source}_accuracy_lost_points") for r in rows]
         lost = [v for v in lost if v is not None]
@@ -425,6 +477,10 @@ def _summary(transfer, picks, predictor, args) -> dict:
             "meets_budget_percent": _percent(
                 [r[source]["meets_budget"] for r in rows if r[source]]
             ),
+            "meets_budget_strictly_percent": _percent(
+                [r[source]["meets_budget_strictly"] for r in rows if r[source]]
+            ),
+            "infeasible": sum(r[source] is None for r in rows),
             "median_accuracy_lost_points": statistics.median(lost) if lost else None,
             "max_accuracy_lost_points": max(lost) if lost else None,
         }

@@ -52,15 +52,20 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
         if row["kind"] == "memory" and pick is not None:  # the memory estimate is exact
             assert pick["memory_mb"] == pytest.approx(pick["estimate"]["memory_mb"])
             assert pick["meets_budget"]
-    # the build validated 3 random selections and kept a latency correction only if it helped
+    # the build validated 3 random selections and kept a latency correction only if it helped,
+    # else the plain sum; either with its residuals
     check = model["validation"]
     assert check["samples"] == 3 and "records" not in check
     helped = check["corrected_latency_mape_percent"] < check["relative_latency_mape_percent"]
-    assert (
-        (model["latency_correction"] == check["latency_correction"])
-        if helped
-        else (model["latency_correction"] is None)
-    )
+    kept = model["latency_correction"]
+    if helped:
+        assert kept == check["latency_correction"]
+    else:
+        assert kept == {
+            "offset_ms": 0.0,
+            "scale": 1.0,
+            "residuals": check["plain_latency_residuals"],
+        }
     assert {"bytes_ratio", "switch_seconds_ratio"} <= set(model["switching"])
     assert not any(key.startswith("accuracy") for key in model["switching"])  # estimates only
     training = model["training"]

@@ -224,6 +224,24 @@ def test_select_and_frontier(built_bank, tmp_path):
     assert "estimated accuracy" in table.stdout
 
 
+def test_select_at_a_confidence_leaves_the_validated_margin(built_bank):
+    out, _ = built_bank
+    margin = Bank.open(out).profile.latency_corrections["ort-1t"].headroom(0.95)
+    front = invoke("frontier", out, "--confidence", "0.95", "--json")
+    assert front.exit_code == 0, front.output
+    latencies = [p["latency_ms"] for p in json.loads(front.stdout)["frontier"]]
+    budget = latencies[len(latencies) // 2]
+    chosen = invoke("select", out, "--latency-ms", budget, "--confidence", "0.95", "--json")
+    assert chosen.exit_code == 0, chosen.output
+    data = json.loads(chosen.stdout)
+    assert data["confidence"] == 0.95
+    assert data["latency_ms"] * margin <= budget * (1 + 1e-5)  # the plain estimate (float32)
+    shown = invoke("inspect", out)
+    assert "latency margin for --confidence 0.95" in shown.stdout
+    bad = invoke("select", out, "--latency-ms", budget, "--confidence", "1.5")
+    assert bad.exit_code == 2 and "confidence must lie in (0, 1)" in bad.output
+
+
 def test_select_reports_an_infeasible_budget(built_bank):
     out, _ = built_bank
     result = invoke("select", out, "--latency-ms", "0.0001")

@@ -97,11 +97,16 @@ def test_full_build_writes_a_profiled_bank(data, reference):
         if helped
         else (profiles.block_weights is None and profiles.costs() == profiles.base_costs())
     )
-    # the latency correction likewise, kept only when it beat the plain sum out of sample
+    # the latency correction likewise, kept only when it beat the plain sum out of sample;
+    # either way with the residuals of the estimate kept, which a confidence draws its margin on
     fitted = check["corrected_latency_mape_percent"] < check["relative_latency_mape_percent"]
-    assert ("ort-1t" in profiles.latency_corrections) == fitted
+    kept = profiles.latency_corrections["ort-1t"]
     if fitted:
-        assert profiles.latency_corrections["ort-1t"].to_dict() == check["latency_correction"]
+        assert kept.to_dict() == check["latency_correction"]
+    else:
+        assert (kept.offset_ms, kept.scale) == (0.0, 1.0)
+        assert list(kept.residuals) == check["plain_latency_residuals"]
+    assert len(kept.residuals) == 2 and kept.headroom(0.95) >= 1.0
     report = opened.manifest["retrain"]
     assert report["samples"] == 128 and report["cache"] == "memory"
     assert len(report["val_mse_after"]) == 2

@@ -593,7 +593,43 @@ def test_latency_correction_leave_one_out_on_affine_data():
     result = corrected_latency_errors(records, teacher_ms=2.0, frame_ms=1.0)
     assert result["corrected_latency_mape_percent"] == pytest.approx(0.0, abs=1e-9)
     assert result["corrected_latency_spearman"] == pytest.approx(1.0)
-    assert result["latency_correction"] == pytest.approx({"offset_ms": -0.3, "scale": 1.2})
+    fix = result["latency_correction"]
+    assert {k: fix[k] for k in ("offset_ms", "scale")} == pytest.approx(
+        {"offset_ms": -0.3, "scale": 1.2}
+    )
+    assert fix["residuals"] == pytest.approx([1.0] * 6)  # every held-out one predicted exactly
+    plain = [(1.2 * r - 0.15) / r for r in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    assert result["plain_latency_residuals"] == pytest.approx(plain)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    residuals=st.lists(st.floats(0.5, 2.0), min_size=1, max_size=60),
+    confidence=st.floats(0.01, 0.99),
+)
+def test_the_headroom_covers_the_confidence_of_the_residuals(residuals, confidence):
+    from blockscale.profile import LatencyCorrection
+
+    margin = LatencyCorrection(residuals=residuals).headroom(confidence)
+    assert margin >= 1.0
+    assert margin == 1.0 or margin in residuals  # rounded up to a residual, never interpolated
+    # an estimate raised by the margin covers at least that share of what was measured
+    assert sum(r <= margin for r in residuals) >= confidence * len(residuals) - 1e-9
+    # and no smaller margin above 1 does
+    below = [r for r in residuals if 1.0 < r < margin]
+    assert all(sum(x <= r for x in residuals) < confidence * len(residuals) for r in below)
+
+
+def test_a_headroom_needs_residuals_and_a_confidence_in_range():
+    from blockscale.profile import LatencyCorrection
+
+    with pytest.raises(ProfileError, match="no measured selections"):
+        LatencyCorrection().headroom(0.95)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="confidence"):
+            LatencyCorrection(residuals=(1.1,)).headroom(bad)
+    fix = LatencyCorrection(0.1, 1.2, [1.05, 1.2])
+    assert LatencyCorrection(**json.loads(json.dumps(fix.to_dict()))) == fix
 
 
 def test_latency_correction_maps_estimates_and_selection(bank, tmp_path):
@@ -641,7 +677,47 @@ def test_corrected_errors_are_reported(bank):
     assert result["corrected_accuracy_mae_points"] >= 0
     assert set(result["correction"]) == {"linear", "quadratic"}
     assert result["corrected_latency_mape_percent"] >= 0
-    assert set(result["latency_correction"]) == {"offset_ms", "scale"}
+    assert set(result["latency_correction"]) == {"offset_ms", "scale", "residuals"}
+    assert len(result["latency_correction"]["residuals"]) == 5
+    assert len(result["plain_latency_residuals"]) == 5
+
+
+def test_selection_at_a_confidence_meets_the_raised_estimate(bank, tmp_path):
+    """Under a confidence, the exact pick among selections whose estimate times the margin fits
+    (brute force), reported at its plain estimate; without validated selections, a named error."""
+    from blockscale.profile import LatencyCorrection
+
+    _, d, families, _, profiles = bank
+    name = next(iter(profiles.targets))
+    fix = LatencyCorrection(0.005, 1.1, [0.97, 1.02, 1.08, 1.15, 1.3])
+    guarded = dataclasses.replace(profiles, latency_corrections={name: fix})
+    margin = fix.headroom(0.75)
+    assert margin == 1.15
+    frame, latency = guarded.latencies(name, 0.75)
+    plain_frame, plain = guarded.latencies(name)
+    assert frame == pytest.approx(margin * plain_frame)
+    assert np.allclose(latency, margin * np.array(plain))
+    opened = Bank.write(tmp_path / "bank", d, families, extra={"profiles": guarded.to_dict()})
+    every = list(itertools.product(*(range(len(f)) for f in families)))
+    budget = Budget(
+        latency_ms=margin
+        * statistics.median(estimate(guarded, c, name)["latency_ms"] for c in every)
+    )
+    pick = opened.select(budget, confidence=0.75)
+    fits = [
+        c for c in every if margin * estimate(guarded, c, name)["latency_ms"] <= budget.latency_ms
+    ]
+    assert pick.accuracy == pytest.approx(max(estimate(guarded, c, name)["accuracy"] for c in fits))
+    assert pick.latency_ms == pytest.approx(
+        estimate(guarded, pick.choices, name)["latency_ms"], rel=1e-5
+    )
+    assert opened.select(budget).accuracy >= pick.accuracy
+    frontier = opened.frontier(confidence=0.75)
+    assert min(p.latency_ms for p in frontier) == pytest.approx(
+        margin * min(estimate(guarded, c, name)["latency_ms"] for c in every), rel=1e-5
+    )
+    with pytest.raises(ProfileError, match="no validated selections"):
+        profiles.latencies(name, 0.95)
 
 
 def test_logit_costs_compound_and_stay_additive(bank):

@@ -231,6 +231,8 @@ def test_unknown_target_and_bad_inputs_are_refused(bank):
         RuntimeConfig(cache_bytes=-1)
     with pytest.raises(ConfigError):
         RuntimeConfig(design="parallel")
+    with pytest.raises(ConfigError, match="confidence"):
+        RuntimeConfig(confidence=1.0)
 
 
 def test_an_int8_target_is_profiled_not_served(bank, tmp_path):

@@ -93,8 +93,8 @@ class Bank:
             [DescendantInfo.from_dict(d["info"]) for d in family]
             for family in manifest["descendants"]
         ]
-        self._selectors: dict[str, Selector] = {}
-        self._tables: dict[str, CostTable] = {}
+        self._selectors: dict[tuple[str, float | None], Selector] = {}
+        self._tables: dict[tuple[str, float | None], CostTable] = {}
         self._parsed: BankProfile | None = None
         self.files = {
             _checked_name(name): FileRecord(str(rec["sha256"]), int(rec["bytes"]))
@@ -132,15 +132,17 @@ class Bank:
             )
         return target
 
-    def cost_table(self, target: str | None = None) -> CostTable:
+    def cost_table(self, target: str | None = None, confidence: float | None = None) -> CostTable:
         """Every descendant's cost (:meth:`BankProfile.costs`: its drop on the profile's scale, or
         its fitted cost, block weights applied), latency on ``target`` (through its
-        :class:`~blockscale.profile.LatencyCorrection`, if validation fitted one), weights and
-        activations, for selection; built once per target and kept."""
+        :class:`~blockscale.profile.LatencyCorrection`, if validation fitted one, and with a
+        ``confidence`` its margin: :meth:`BankProfile.latencies`), weights and activations, for
+        selection; built once per target and confidence and kept."""
         name = self.target(target)
-        if name not in self._tables:
+        key = (name, confidence)
+        if key not in self._tables:
             profile = self._profile()
-            frame_ms, latency = profile.latencies(name)
+            frame_ms, latency = profile.latencies(name, confidence)
             costs = [
                 [
                     dataclasses.replace(p, accuracy_drop=c, latency_ms={name: ms})
@@ -149,10 +151,10 @@ class Bank:
                 for fam, cs, mss in zip(profile.descendants, profile.costs(), latency, strict=True)
             ]
             frame = dataclasses.replace(profile.frame, latency_ms={name: frame_ms})
-            self._tables[name] = CostTable.from_profiles(
+            self._tables[key] = CostTable.from_profiles(
                 costs, frame, profile.teacher_accuracy, name
             )
-        return self._tables[name]
+        return self._tables[key]
 
     def accuracy_of(self, summed: np.ndarray) -> np.ndarray:
         """The estimated accuracies of selections whose :meth:`cost_table` costs add up to
@@ -174,28 +176,44 @@ class Bank:
         them."""
         return self._corrected(self.cost_table(target).estimate(choices))
 
-    def selector(self, target: str | None = None) -> Selector:
-        """The bank's precomputed Pareto set on ``target``, built once and kept."""
-        name = self.target(target)
-        if name not in self._selectors:
-            self._selectors[name] = Selector(self.cost_table(name))
-        return self._selectors[name]
+    def selector(self, target: str | None = None, confidence: float | None = None) -> Selector:
+        """The bank's precomputed Pareto set on ``target`` (at ``confidence``: see
+        :meth:`select`), built once and kept."""
+        key = (self.target(target), confidence)
+        if key not in self._selectors:
+            self._selectors[key] = Selector(self.cost_table(*key))
+        return self._selectors[key]
 
-    def select(self, budget: Budget, target: str | None = None) -> Selection:
+    def select(
+        self, budget: Budget, target: str | None = None, confidence: float | None = None
+    ) -> Selection:
         """The most accurate selection within ``budget`` on ``target`` (exact).
 
-        Banks of up to ``SELECTOR_BLOCKS`` blocks answer from their precomputed Pareto set
-        (microseconds a query once built); larger ones, whose sets grow too big, by branch and bound.
+        With a ``confidence`` (e.g. 0.95), the latency estimate is raised by the margin that
+        validation measured (:meth:`BankProfile.latencies`), so that the pick meets the budget
+        as measured that often rather than about half the time; the selection still reports
+        the plain estimate, the likeliest latency. Banks of up to ``SELECTOR_BLOCKS`` blocks
+        answer from their precomputed Pareto set (microseconds a query once built); larger
+        ones, whose sets grow too big, by branch and bound.
         """
         if self.plan.num_blocks <= SELECTOR_BLOCKS:
-            return self._corrected(self.selector(target).select(budget))
-        return self._corrected(solve(self.cost_table(target), budget))
+            chosen = self.selector(target, confidence).select(budget)
+        else:
+            chosen = solve(self.cost_table(target, confidence), budget)
+        if confidence is not None:
+            return self.estimate(chosen.choices, target)
+        return self._corrected(chosen)
 
     def frontier(
-        self, target: str | None = None, memory_mb: float | None = None
+        self,
+        target: str | None = None,
+        memory_mb: float | None = None,
+        confidence: float | None = None,
     ) -> list[Selection]:
-        """The exact accuracy-latency Pareto frontier on ``target``."""
-        return [self._corrected(s) for s in frontier(self.cost_table(target), memory_mb)]
+        """The exact accuracy-latency Pareto frontier on ``target`` (latency with the margin of
+        ``confidence``, as :meth:`select`)."""
+        table = self.cost_table(target, confidence)
+        return [self._corrected(s) for s in frontier(table, memory_mb)]
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -50,6 +50,13 @@ SparsitiesOpt = Annotated[
     str,
     typer.Option("--sparsities", help="Comma-separated channel sparsities; 0 keeps the original."),
 ]
+ConfidenceOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Select under the latency margin validation measured, so the pick meets the "
+        "budget as measured this often (e.g. 0.95); default: the plain estimate.",
+    ),
+]
 RoundToOpt = Annotated[
     int,
     typer.Option(
@@ -468,23 +475,30 @@ def _show_profile(bank: Any) -> None:
         )
         check = profiles.validation.get(target)
         if check:
+            # a Spearman correlation of too few or tied selections is NaN, stored as None
             _out.print(
                 f"additive estimate on {check['samples']} random selections: accuracy MAE "
                 f"{check['accuracy_mae_points']:.2f} points (Spearman "
-                f"{check['accuracy_spearman']:.3f}), latency MAPE "
-                f"{check['latency_mape_percent']:.1f}% (Spearman {check['latency_spearman']:.3f})"
+                f"{_or_dash(check['accuracy_spearman'], '{:.3f}')}), latency MAPE "
+                f"{check['latency_mape_percent']:.1f}% (Spearman "
+                f"{_or_dash(check['latency_spearman'], '{:.3f}')})"
             )
             if "relative_latency_mape_percent" in check:
                 _out.print(
                     f"latency relative to the teacher, timed side by side: MAPE "
                     f"{check['relative_latency_mape_percent']:.1f}% (Spearman "
-                    f"{check['relative_latency_spearman']:.3f})"
+                    f"{_or_dash(check['relative_latency_spearman'], '{:.3f}')})"
                 )
             fix = profiles.latency_corrections.get(target)
-            if fix:
+            if fix and (fix.offset_ms, fix.scale) != (0.0, 1.0):
                 _out.print(
                     f"latency corrected to {fix.offset_ms:+.3f} ms + {fix.scale:.3f} x the sum "
                     f"(leave-one-out MAPE {check['corrected_latency_mape_percent']:.1f}%)"
+                )
+            if fix and fix.residuals:
+                _out.print(
+                    f"latency margin for --confidence 0.95: x{fix.headroom(0.95):.3f} "
+                    f"(from {len(fix.residuals)} measured selections)"
                 )
 
 
@@ -828,6 +842,7 @@ def select(
     target: Annotated[
         str | None, typer.Option(help="Target whose latencies to use (default: the bank's first).")
     ] = None,
+    confidence: ConfidenceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The most accurate selection within a latency and memory budget (exact)."""
@@ -837,10 +852,16 @@ def select(
 
     def run() -> Any:
         opened = Bank.open(bank)
-        return opened, opened.target(target), opened.select(budget, target)
+        return opened, opened.target(target), opened.select(budget, target, confidence)
 
     opened, used, chosen = _run(run)
-    data = {"bank": str(bank), "target": used, "budget": budget.to_dict(), **chosen.to_dict()}
+    data = {
+        "bank": str(bank),
+        "target": used,
+        "budget": budget.to_dict(),
+        "confidence": confidence,
+        **chosen.to_dict(),
+    }
 
     def render() -> None:
         _out.print(_selection_table(opened, chosen.choices, f"selection on {used}"))
@@ -857,23 +878,30 @@ def frontier(
     memory_mb: Annotated[
         float | None, typer.Option("--memory-mb", help="Only selections within this memory.")
     ] = None,
+    confidence: ConfidenceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The exact accuracy-latency Pareto frontier of a bank, as a table, JSON or plot."""
+    """The exact accuracy-latency Pareto frontier of a bank, as a table, JSON or plot (with
+    --confidence, latency with the margin that meets a budget that often)."""
     from .bank import Bank
     from .plots import plot_frontier
 
     def run() -> Any:
         opened = Bank.open(bank)
         used = opened.target(target)
-        return opened, used, opened.frontier(used, memory_mb)
+        return opened, used, opened.frontier(used, memory_mb, confidence)
 
     opened, used, points = _run(run)
     if plot is not None:
         plot_frontier(
             points, plot, title=f"{opened.plan.model}: accuracy-latency frontier", target=used
         )
-    data = {"bank": str(bank), "target": used, "frontier": [p.to_dict() for p in points]}
+    data = {
+        "bank": str(bank),
+        "target": used,
+        "confidence": confidence,
+        "frontier": [p.to_dict() for p in points],
+    }
 
     def render() -> None:
         table = Table(

@@ -24,7 +24,7 @@ from .bank import Bank, check_destination
 from .derive import derive
 from .errors import BankError, ConfigError
 from .extract import extract
-from .profile import DropCorrection, LatencyCorrection, ProfileConfig, profile, validate
+from .profile import DropCorrection, ProfileConfig, kept_latency_estimate, profile, validate
 from .retrain import RetrainConfig, retrain
 from .targets import Target
 from .types import DeriveConfig
@@ -222,10 +222,7 @@ def build(
                 profiles.block_weights = check["block_weights"]
         elif check["corrected_accuracy_mae_points"] < check["accuracy_mae_points"]:
             profiles.correction = DropCorrection(**check["correction"])
-        if check["corrected_latency_mape_percent"] < check["relative_latency_mape_percent"]:
-            profiles.latency_corrections[target.name] = LatencyCorrection(
-                **check["latency_correction"]
-            )
+        profiles.latency_corrections[target.name] = kept_latency_estimate(check)
     bank = save(out, {"retrain": report, "profiles": profiles.to_dict(), "timings": timings})
     shutil.rmtree(work, ignore_errors=True)
     log(f"bank written to {out} ({json.dumps({k: round(v, 1) for k, v in timings.items()})} s)")

@@ -130,23 +130,43 @@ class DropCorrection:
 @dataclass(frozen=True)
 class LatencyCorrection:
     """An increasing affine map from a selection's summed latency on one target to what it
-    measures there as one model: ``offset_ms + scale * summed``.
+    measures there as one model: ``offset_ms + scale * summed``, and how far off it was.
 
     Each descendant is timed alone, so the sum misses what a compiled backend does across block
     seams: fusions, and layouts a pruned width gets inside the whole graph. Fitted on the
     validated selections (:func:`corrected_latency_errors`); applied as every descendant's
     latency times ``scale`` and the frame's times ``scale`` plus ``offset_ms``, so the estimate
-    stays additive and selection stays exact.
+    stays additive and selection stays exact. ``residuals`` are the validated selections'
+    measured latency over the estimate, out of sample: :meth:`headroom` turns them into the
+    factor a budget is divided by to be met with a given confidence. The identity map with
+    residuals is the plain sum's spread, kept when the fit did not beat it.
     """
 
     offset_ms: float = 0.0
     scale: float = 1.0
+    residuals: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "residuals", tuple(float(r) for r in self.residuals))
 
     def __call__(self, summed_ms: float) -> float:
         return self.offset_ms + self.scale * summed_ms
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return {"offset_ms": self.offset_ms, "scale": self.scale, "residuals": list(self.residuals)}
+
+    def headroom(self, confidence: float) -> float:
+        """The factor (at least 1) that the estimate is multiplied by so that a selection the
+        estimate puts within a budget meets it as measured in ``confidence`` of the validated
+        selections: the least residual that at least that share of them do not exceed."""
+        if not 0 < confidence < 1:
+            raise ConfigError(f"confidence must lie in (0, 1), got {confidence}")
+        if not self.residuals:
+            raise ProfileError(
+                "this latency estimate has no measured selections to draw a margin from",
+                hint="validate the bank on the target (build with --validate-samples N)",
+            )
+        return max(1.0, float(np.quantile(self.residuals, confidence, method="inverted_cdf")))
 
     @classmethod
     def fit(
@@ -161,7 +181,7 @@ class LatencyCorrection:
         summed latency ``teacher_ms``. Constrained so that the frame's ``frame_ms`` maps to no
         less than 0 (a latency the selector adds up must not be negative): when the plain fit
         breaks that, the best fit with the frame mapped to exactly 0. The identity when the fit
-        is not increasing."""
+        is not increasing. No residuals: :func:`corrected_latency_errors` adds them."""
         x = np.asarray(estimated, dtype=float)
         y = np.asarray(measured, dtype=float)
         if len(x) < 2 or np.ptp(x) <= 0:
@@ -201,11 +221,24 @@ class BankProfile:
     block_weights: list[float] | None = None
     latency_corrections: dict[str, LatencyCorrection] = field(default_factory=dict)
 
-    def latencies(self, target: str) -> tuple[float, list[list[float]]]:
+    def latencies(
+        self, target: str, confidence: float | None = None
+    ) -> tuple[float, list[list[float]]]:
         """The frame's and every descendant's latency on ``target`` (ms), through the target's
-        :class:`LatencyCorrection` if it has one."""
+        :class:`LatencyCorrection` if it has one; with a ``confidence``, times its
+        :meth:`~LatencyCorrection.headroom`, so that selections within a budget meet it as
+        measured that often."""
         require_latency([self.frame, *(p for family in self.descendants for p in family)], target)
         fix = self.latency_corrections.get(target, LatencyCorrection())
+        if confidence is not None:
+            if target not in self.latency_corrections:
+                raise ProfileError(
+                    f"no validated selections on {target!r} to draw a latency margin from",
+                    hint="validate the bank there (build with --validate-samples N), or select "
+                    "without a confidence",
+                )
+            margin = fix.headroom(confidence)
+            fix = LatencyCorrection(margin * fix.offset_ms, margin * fix.scale)
         frame_ms = fix(self.frame.latency_ms[target])
         if frame_ms < 0 or fix.scale <= 0:
             raise ProfileError(
@@ -879,7 +912,9 @@ def corrected_latency_errors(
 ) -> dict[str, Any]:
     """MAPE and Spearman of the :class:`LatencyCorrection` on latency relative to the teacher,
     by leave-one-out, and the correction fitted on all ``records`` (``teacher_ms`` and
-    ``frame_ms``: the teacher's summed latency and the frame's on the target)."""
+    ``frame_ms``: the teacher's summed latency and the frame's on the target) with the
+    leave-one-out residuals; and the plain sum's residuals (nothing fitted, so in sample is out
+    of sample)."""
     est = [r["estimated_latency_ratio"] for r in records]
     real = [r["measured_latency_ratio"] for r in records]
     frame = frame_ms / teacher_ms
@@ -887,12 +922,24 @@ def corrected_latency_errors(
     for i in range(len(records)):
         rest_est, rest_real = est[:i] + est[i + 1 :], real[:i] + real[i + 1 :]
         predictions.append(LatencyCorrection.fit(rest_est, rest_real, 1.0, frame)(est[i]))
+    fit = LatencyCorrection.fit(est, real, teacher_ms, frame_ms)
+    residuals = [m / p for p, m in zip(predictions, real, strict=True)]
     return {
-        "latency_correction": LatencyCorrection.fit(est, real, teacher_ms, frame_ms).to_dict(),
+        "latency_correction": dataclasses.replace(fit, residuals=residuals).to_dict(),
+        "plain_latency_residuals": [m / e for e, m in zip(est, real, strict=True)],
         "corrected_latency_mape_percent": 100
         * statistics.fmean(abs(p - m) / m for p, m in zip(predictions, real, strict=True)),
         "corrected_latency_spearman": spearman(predictions, real),
     }
+
+
+def kept_latency_estimate(check: dict[str, Any]) -> LatencyCorrection:
+    """What validation keeps for a target's latency, from :func:`validate`'s summary: the
+    fitted correction when it beat the plain sum out of sample, else the plain sum (the
+    identity); either way with the residuals of the one kept."""
+    if check["corrected_latency_mape_percent"] < check["relative_latency_mape_percent"]:
+        return LatencyCorrection(**check["latency_correction"])
+    return LatencyCorrection(residuals=check["plain_latency_residuals"])
 
 
 def fit_block_weights(

@@ -69,12 +69,16 @@ class RuntimeConfig:
     :class:`~blockscale.multi.SwitchCost`): a move is charged per changed block and per MiB it
     would load (what the cache or the resident teacher blocks hold loads nothing), and the live
     selection is kept within the hysteresis margin. None: always the most accurate selection.
+
+    ``confidence`` (e.g. 0.95) selects under the latency margin that validation measured, so a
+    pick meets its budget as measured that often (:meth:`Bank.select`); None: the estimate as is.
     """
 
     cache_bytes: int = 64 * 2**20
     design: RuntimeDesign = "adaptive"
     history: int = 1000
     switch_cost: SwitchCost | None = None
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.cache_bytes < 0:
@@ -85,6 +89,11 @@ class RuntimeConfig:
             )
         if self.history < 1:
             raise ConfigError(f"RuntimeConfig.history must be >= 1, got {self.history}")
+        if self.confidence is not None and not 0 < self.confidence < 1:
+            raise ConfigError(
+                f"RuntimeConfig.confidence must lie in (0, 1), got {self.confidence}",
+                hint="e.g. 0.95, or None for the plain estimate",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -446,8 +455,8 @@ class Runtime:
         cost = self.config.switch_cost
         assert self._live is not None
         if cost is None:
-            return self.bank.select(budget, self.target.name)
-        table = self.bank.cost_table(self.target.name)
+            return self.bank.select(budget, self.target.name, self.config.confidence)
+        table = self.bank.cost_table(self.target.name, self.config.confidence)
         live = self._live.selection.choices
         # the charges are in accuracy; the table's costs may be log-odds or corrected: convert at
         # the live selection's accuracy (exact for a bank whose costs are points)
@@ -620,8 +629,8 @@ class Runtime:
 @dataclass(frozen=True)
 class ModelSlot:
     """One model of a :class:`MultiRuntime`: its bank and target, its weight in the objective and
-    its own limits (see :class:`~blockscale.multi.Member`). ``name`` defaults to the bank's folder
-    name."""
+    its own limits (see :class:`~blockscale.multi.Member`), and the confidence its latency is
+    selected at (see :class:`RuntimeConfig`). ``name`` defaults to the bank's folder name."""
 
     bank: Bank
     target: str | None = None
@@ -629,6 +638,7 @@ class ModelSlot:
     min_accuracy: float | None = None
     max_latency_ms: float | None = None
     name: str | None = None
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -695,7 +705,7 @@ class MultiRuntime:
         self._selector = JointSelector(
             [
                 Member(
-                    s.bank.cost_table(self._targets[n]),
+                    s.bank.cost_table(self._targets[n], s.confidence),
                     priority=s.priority,
                     min_accuracy=s.min_accuracy,
                     max_latency_ms=s.max_latency_ms,
