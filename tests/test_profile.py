@@ -2,7 +2,6 @@ import dataclasses
 import itertools
 import json
 import math
-import statistics
 
 import numpy as np
 import pytest
@@ -632,6 +631,14 @@ def test_a_headroom_needs_residuals_and_a_confidence_in_range():
     assert LatencyCorrection(**json.loads(json.dumps(fix.to_dict()))) == fix
 
 
+def _between(values) -> float:
+    """Midway between the two middle distinct values: a budget no selection sits on, so the
+    float32 cost table and a float64 brute force agree on what fits."""
+    ordered = sorted(set(values))
+    middle = len(ordered) // 2
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def test_latency_correction_maps_estimates_and_selection(bank, tmp_path):
     from blockscale.profile import LatencyCorrection
 
@@ -650,7 +657,7 @@ def test_latency_correction_maps_estimates_and_selection(bank, tmp_path):
     # the bank selects on the corrected numbers: optimal among what fits them, by brute force
     opened = Bank.write(tmp_path / "bank", d, families, extra={"profiles": restored.to_dict()})
     budget = Budget(
-        latency_ms=statistics.median(fix(estimate(profiles, c, name)["latency_ms"]) for c in every)
+        latency_ms=_between(fix(estimate(profiles, c, name)["latency_ms"]) for c in every)
     )
     pick = opened.select(budget)
     fits = [c for c in every if estimate(corrected, c, name)["latency_ms"] <= budget.latency_ms]
@@ -700,8 +707,7 @@ def test_selection_at_a_confidence_meets_the_raised_estimate(bank, tmp_path):
     opened = Bank.write(tmp_path / "bank", d, families, extra={"profiles": guarded.to_dict()})
     every = list(itertools.product(*(range(len(f)) for f in families)))
     budget = Budget(
-        latency_ms=margin
-        * statistics.median(estimate(guarded, c, name)["latency_ms"] for c in every)
+        latency_ms=margin * _between(estimate(guarded, c, name)["latency_ms"] for c in every)
     )
     pick = opened.select(budget, confidence=0.75)
     fits = [
@@ -718,6 +724,34 @@ def test_selection_at_a_confidence_meets_the_raised_estimate(bank, tmp_path):
     )
     with pytest.raises(ProfileError, match="no validated selections"):
         profiles.latencies(name, 0.95)
+
+
+def test_a_bank_without_residuals_draws_its_margin_from_its_stored_selections(bank):
+    from blockscale.profile import LatencyCorrection, kept_latency_estimate, refit_latency_estimate
+
+    _, d, families, val_set, profiles = bank
+    target = Target()
+    check = validate(
+        profiles, d, families, val_set, target, samples=6, seed=2, config=FAST, progress=False
+    )
+    kept = kept_latency_estimate(check)
+    assert len(kept.residuals) == 6
+    # as a bank written before residuals were kept stored it: the map alone, if one was fitted
+    fitted = (kept.offset_ms, kept.scale) != (0.0, 1.0)
+    before = dataclasses.replace(
+        profiles,
+        validation={target.name: check},
+        latency_corrections={target.name: LatencyCorrection(kept.offset_ms, kept.scale)}
+        if fitted
+        else {},
+    )
+    again = refit_latency_estimate(before, target.name)
+    assert again.offset_ms == pytest.approx(kept.offset_ms)
+    assert again.scale == pytest.approx(kept.scale)
+    assert again.residuals == pytest.approx(kept.residuals)
+    frame_ms, _ = before.latencies(target.name, 0.9)
+    plain_frame = profiles.frame.latency_ms[target.name]
+    assert frame_ms == pytest.approx(kept.headroom(0.9) * kept(plain_frame))
 
 
 def test_logit_costs_compound_and_stay_additive(bank):

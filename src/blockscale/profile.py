@@ -231,7 +231,9 @@ class BankProfile:
         require_latency([self.frame, *(p for family in self.descendants for p in family)], target)
         fix = self.latency_corrections.get(target, LatencyCorrection())
         if confidence is not None:
-            if target not in self.latency_corrections:
+            if not fix.residuals and self.validation.get(target, {}).get("records"):
+                fix = refit_latency_estimate(self, target)  # a bank from before residuals
+            if not fix.residuals:
                 raise ProfileError(
                     f"no validated selections on {target!r} to draw a latency margin from",
                     hint="validate the bank there (build with --validate-samples N), or select "
@@ -940,6 +942,20 @@ def kept_latency_estimate(check: dict[str, Any]) -> LatencyCorrection:
     if check["corrected_latency_mape_percent"] < check["relative_latency_mape_percent"]:
         return LatencyCorrection(**check["latency_correction"])
     return LatencyCorrection(residuals=check["plain_latency_residuals"])
+
+
+def refit_latency_estimate(bank_profile: BankProfile, target: str) -> LatencyCorrection:
+    """:func:`kept_latency_estimate` fitted again on the selections that validation stored for
+    ``target``: the same correction, with the residuals a bank written before they were kept
+    lacks, without measuring anything again."""
+    records = bank_profile.validation[target]["records"]
+    summed = dataclasses.replace(bank_profile, latency_corrections={})
+    teacher_ms = estimate(summed, [0] * len(summed.descendants), target)["latency_ms"]
+    check = {
+        **_ratio_errors(records),
+        **corrected_latency_errors(records, teacher_ms, summed.frame.latency_ms[target]),
+    }
+    return kept_latency_estimate(check)
 
 
 def fit_block_weights(
