@@ -5,7 +5,8 @@ import pytest
 from nets import thin_zoo_model
 from typer.testing import CliRunner
 
-from blockscale.bench import ALL_METHODS, BenchConfig, _seconds_to_quality
+from blockscale.baselines import METHODS
+from blockscale.bench import ALL_METHODS, CONFIDENT, BenchConfig, _seconds_to_quality
 from blockscale.cli import app
 from blockscale.errors import ConfigError
 from blockscale.models import save_checkpoint
@@ -29,7 +30,7 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
     result = CliRunner().invoke(
         app,
         ["bench", "--quick", "--models", "resnet20", "--checkpoints", str(tmp_path),
-         "--validate-samples", "3", "--out", str(out), "--json"],
+         "--validate-samples", "3", "--round-to", "1", "--out", str(out), "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -43,7 +44,7 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
     }
     assert len(model["budgets"]) == 6  # three latency and three memory budgets
     for row in model["budgets"]:
-        for method in ALL_METHODS[1:]:  # every family holds the teacher, which fits at 100%
+        for method in METHODS:  # every family holds the teacher, which fits at 100%
             pick = row[method]
             assert pick is None or (pick["meets_budget"] and 0 <= pick["test_accuracy"] <= 1)
         if row["fraction"] == 1.0:
@@ -52,6 +53,10 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
         if row["kind"] == "memory" and pick is not None:  # the memory estimate is exact
             assert pick["memory_mb"] == pytest.approx(pick["estimate"]["memory_mb"])
             assert pick["meets_budget"]
+            assert row[CONFIDENT] == pick  # the latency margin leaves memory budgets alone
+        confident = row[CONFIDENT]
+        if row["kind"] == "latency" and confident is not None:  # never slower by its estimate
+            assert confident["estimate"]["latency_ms"] <= pick["estimate"]["latency_ms"] + 1e-9
     # the build validated 3 random selections and kept a latency correction only if it helped,
     # else the plain sum; either with its residuals
     check = model["validation"]
@@ -70,7 +75,7 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
     assert not any(key.startswith("accuracy") for key in model["switching"])  # estimates only
     training = model["training"]
     assert training["blockscale"]["seconds"] > 0
-    for method in ALL_METHODS[1:]:
+    for method in METHODS:
         assert [m["sparsity"] for m in model["families"][method]] == [0.5, 0.9]
         assert training[method]["ratio"] == pytest.approx(
             training["blockscale"]["seconds"] / training[method]["seconds"]

@@ -52,7 +52,8 @@ from .traces import phone
 from .train import evaluate
 from .types import Budget, DeriveConfig
 
-ALL_METHODS = ("blockscale", *METHODS)
+CONFIDENT = "blockscale_confident"  # blockscale's picks under the validated latency margin
+ALL_METHODS = ("blockscale", CONFIDENT, *METHODS)
 _TOLERANCE = 0.005  # equal quality: within 0.5 points of the final accuracy
 _MIB = float(2**20)
 
@@ -63,8 +64,9 @@ class BenchConfig:
     the bank's sparsity levels (the families get the same, less 0) and the multiple every kept
     width is rounded up to (bank and families alike; :class:`DeriveConfig`), epochs for bank and families
     alike, image counts, the random selections the build validates (and fits its corrections
-    on, as a default build does), budget fractions, the target, the trace length, the seed, and
-    how latency is timed."""
+    on, as a default build does), the confidence of blockscale's second pick at each latency
+    budget (``Bank.select(..., confidence=)``; None: no second pick), budget fractions, the
+    target, the trace length, the seed, and how latency is timed."""
 
     models: tuple[str, ...] = ("resnet20", "vgg11_bn", "mobilenetv2")
     dataset: str = "fashion-mnist"
@@ -76,6 +78,7 @@ class BenchConfig:
     val_images: int = 2_000
     test_images: int = 5_000
     validate_samples: int = 50
+    confidence: float | None = 0.95
     fractions: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     target: str = "ort-1t"
     trace_steps: int = 100
@@ -204,13 +207,22 @@ def bench_model(
     for kind in ("latency", "memory"):
         for fraction in config.fractions:
             row: dict[str, _Whole | None] = {}
-            try:
-                budget = (
-                    Budget(latency_ms=fraction * teacher_est.latency_ms)
-                    if kind == "latency"
-                    else Budget(memory_mb=fraction * teacher_est.memory_mb)
-                )
-                selection = bank.select(budget)
+            budget = (
+                Budget(latency_ms=fraction * teacher_est.latency_ms)
+                if kind == "latency"
+                else Budget(memory_mb=fraction * teacher_est.memory_mb)
+            )
+            # the margin only raises latency: under a memory budget both picks are one
+            confidence = config.confidence if kind == "latency" else None
+            for method, level in (("blockscale", None), (CONFIDENT, confidence)):
+                if method == CONFIDENT and config.confidence is None:
+                    row[method] = None
+                    continue
+                try:
+                    selection = bank.select(budget, confidence=level)
+                except InfeasibleBudgetError:
+                    row[method] = None
+                    continue
                 if selection.choices not in chosen:
                     chosen[selection.choices] = _whole(
                         "blockscale",
@@ -220,9 +232,7 @@ def bench_model(
                         shape,
                         estimate=selection.to_dict(),
                     )
-                row["blockscale"] = chosen[selection.choices]
-            except InfeasibleBudgetError:
-                row["blockscale"] = None
+                row[method] = chosen[selection.choices]
             for method, wholes in offered.items():
                 row[method] = _best_within(wholes, kind, fraction, teacher_whole)
             picks[kind, fraction] = row
@@ -410,28 +420,28 @@ def _goals(model: dict[str, Any]) -> dict[str, Any]:
     the best baseline's that fits; at the tightest budget a baseline meets, 5 points more."""
     rows = []
     for row in model["budgets"]:
-        ours = row["blockscale"]
         theirs = [row[m]["test_accuracy"] for m in METHODS if row[m] is not None]
         best = max(theirs, default=None)
-        rows.append(
-            {
-                "kind": row["kind"],
-                "fraction": row["fraction"],
-                "blockscale": None if ours is None else ours["test_accuracy"],
-                "best_baseline": best,
-                "gain_points": None
-                if ours is None or best is None
-                else 100 * (ours["test_accuracy"] - best),
-            }
-        )
+        entry: dict[str, Any] = {"kind": row["kind"], "fraction": row["fraction"]}
+        for method, gain in (("blockscale", "gain_points"), (CONFIDENT, "confident_gain_points")):
+            ours = row[method]
+            entry[method] = None if ours is None else ours["test_accuracy"]
+            entry[gain] = (
+                None if ours is None or best is None else 100 * (ours["test_accuracy"] - best)
+            )
+        rows.append({**entry, "best_baseline": best})
     met = [r for r in rows if r["gain_points"] is not None]
+
+    def over(method: str) -> int:
+        return sum(
+            row[method] is not None and not row[method]["meets_budget"] for row in model["budgets"]
+        )
+
     return {
         "model": model["model"],
         "rows": rows,
-        "blockscale_over_budget": sum(
-            row["blockscale"] is not None and not row["blockscale"]["meets_budget"]
-            for row in model["budgets"]
-        ),
+        "blockscale_over_budget": over("blockscale"),
+        "confident_over_budget": over(CONFIDENT),
         "at_least_best_baseline_everywhere": all(r["gain_points"] >= 0 for r in met),
         "budgets_blockscale_alone_meets": sum(
             r["blockscale"] is not None and r["best_baseline"] is None for r in rows
@@ -443,6 +453,7 @@ def _goals(model: dict[str, Any]) -> dict[str, Any]:
 
 _COLOURS = {
     "blockscale": "tab:blue",
+    CONFIDENT: "tab:purple",
     "uniform": "tab:orange",
     "compression": "tab:green",
     "distillation": "tab:red",
@@ -464,7 +475,7 @@ def plot_bench(model: dict[str, Any], path: str | Path) -> Path:
             ]
             if points:
                 xs, ys = zip(*points, strict=True)
-                marker = "o-" if method == "blockscale" else "s--"
+                marker = {"blockscale": "o-", CONFIDENT: "^:"}.get(method, "s--")
                 ax.plot(xs, ys, marker, color=_COLOURS[method], label=method)
         ax.set_xlabel(f"{kind} budget (fraction of the teacher's)")
         ax.grid(alpha=0.3)
