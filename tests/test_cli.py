@@ -596,6 +596,14 @@ def test_calibrate_adds_a_predicted_target(tiny_bank, tmp_path):
     assert inspected.exit_code == 0, inspected.output
     assert "predicted from torch-1t, 2 samples" in " ".join(inspected.stdout.split())
     assert invoke("select", copy, "--latency-ms", "1000", "--target", "torch-2t").exit_code == 0
+    checked = invoke(
+        "calibrate", copy, *args, "--target", "torch-2t", "--overwrite", "--selections", "3"
+    )
+    assert checked.exit_code == 0, checked.output
+    assert "3 selections timed whole" in checked.stdout and "--confidence 0.95" in checked.stdout
+    confident = ("--latency-ms", "1000", "--target", "torch-2t", "--confidence", "0.95")
+    assert invoke("select", copy, *confident).exit_code == 0
+    assert "latency margin for --confidence 0.95" in invoke("inspect", copy).stdout
 
 
 def test_calibrate_chooses_the_proxy_by_default(tiny_bank, tmp_path):

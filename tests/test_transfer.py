@@ -347,6 +347,28 @@ def test_calibrate_fills_every_descendant_and_marks_the_target(bank, tmp_path):
     assert opened.select(budget, "torch-2t").choices == (0, 0)
 
 
+def test_calibrate_with_selections_gives_the_target_a_margin(bank, tmp_path):
+    shutil.copytree(bank, tmp_path / "bank")
+    opened = Bank.open(tmp_path / "bank")
+    calibrate(opened, "torch-1t", "torch-2t", 2, FAST, progress=False)
+    with pytest.raises(ProfileError, match="no validated selections"):
+        opened.select(Budget(latency_ms=1e3), "torch-2t", confidence=0.95)
+    summary = calibrate(
+        opened, "torch-1t", "torch-2t", 2, FAST, selections=4, overwrite=True, progress=False
+    )
+    check = opened.profile.validation["torch-2t"]
+    assert check["samples"] == summary["selections"]["samples"] == 4
+    assert "accuracy_mae_points" not in check  # latency alone: no images
+    assert all(set(r) >= {"choices", "measured_latency_ratio"} for r in check["records"])
+    kept = opened.profile.latency_corrections["torch-2t"]
+    assert len(kept.residuals) == 4
+    assert summary["selections"]["margin_at_0.95"] == kept.headroom(0.95) >= 1.0
+    again = Bank.open(tmp_path / "bank")  # stored with the bank
+    assert again.profile.latency_corrections["torch-2t"] == kept
+    pick = again.select(Budget(latency_ms=1e3), "torch-2t", confidence=0.95)
+    assert pick.choices == (0, 0)
+
+
 def test_calibrate_without_timing_the_frame_predicts_it(bank, tmp_path):
     shutil.copytree(bank, tmp_path / "bank")
     opened = Bank.open(tmp_path / "bank")

@@ -475,12 +475,17 @@ def _show_profile(bank: Any) -> None:
         )
         check = profiles.validation.get(target)
         if check:
-            # a Spearman correlation of too few or tied selections is NaN, stored as None
+            # a Spearman correlation of too few or tied selections is NaN, stored as None;
+            # a target checked for latency alone (calibrate --selections) has no accuracy
+            accuracy = (
+                f"accuracy MAE {check['accuracy_mae_points']:.2f} points (Spearman "
+                f"{_or_dash(check['accuracy_spearman'], '{:.3f}')}), "
+                if "accuracy_mae_points" in check
+                else ""
+            )
             _out.print(
-                f"additive estimate on {check['samples']} random selections: accuracy MAE "
-                f"{check['accuracy_mae_points']:.2f} points (Spearman "
-                f"{_or_dash(check['accuracy_spearman'], '{:.3f}')}), latency MAPE "
-                f"{check['latency_mape_percent']:.1f}% (Spearman "
+                f"additive estimate on {check['samples']} random selections: {accuracy}latency "
+                f"MAPE {check['latency_mape_percent']:.1f}% (Spearman "
                 f"{_or_dash(check['latency_spearman'], '{:.3f}')})"
             )
             if "relative_latency_mape_percent" in check:
@@ -745,6 +750,14 @@ def calibrate(
         ),
     ] = "auto",
     samples: Annotated[int, typer.Option(help="Descendants to time on the target.")] = 10,
+    selections: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Random selections then timed whole there, to correct the estimate and give "
+            "select --confidence its margin (0: none).",
+        ),
+    ] = 0,
     repeats: Annotated[int, typer.Option(help="Timed runs per module (median).")] = 30,
     warmup: Annotated[int, typer.Option(help="Untimed runs before each round.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the sampled descendants.")] = 0,
@@ -773,6 +786,7 @@ def calibrate(
             target,
             samples,
             ProfileConfig(repeats=repeats, warmup=warmup),
+            selections=selections,
             seed=seed,
             measure_frame=measure_frame,
             overwrite=overwrite,
@@ -801,6 +815,13 @@ def calibrate(
             f"in-sample MAPE {'n/a' if mape is None else f'{mape:.1f}%'}, held out "
             f"{'n/a' if held_out is None else f'{held_out:.1f}%'}"
         )
+        if "selections" in summary:
+            check = summary["selections"]
+            _out.print(
+                f"{check['samples']} selections timed whole: summed estimate off by "
+                f"{check['relative_latency_mape_percent']:.1f}% (MAPE); margin for "
+                f"--confidence 0.95: x{check['margin_at_0.95']:.3f}"
+            )
 
     _emit(summary, as_json, render)
 

@@ -843,7 +843,7 @@ def validate(
     bank_profile: BankProfile,
     decomposition: Decomposition,
     descendants: Sequence[Sequence[Descendant]],
-    val_set: Dataset,
+    val_set: Dataset | None,
     target: Target,
     *,
     samples: int = 20,
@@ -856,7 +856,8 @@ def validate(
     Returns the accuracy MAE (points) and Spearman correlation, the latency MAPE (%) and Spearman
     correlation, the corrections fitted on them with their leave-one-out errors, and every
     measured selection. Latency is estimated by the plain sum (any correction the target has is
-    left out), which the latency correction is fitted to.
+    left out), which the latency correction is fitted to. Without a ``val_set``, latency alone:
+    what a target added later (``calibrate``) is checked and corrected on, with no images.
     """
     if samples < 1:
         raise ConfigError(f"validate needs at least one sample, got {samples}")
@@ -875,7 +876,6 @@ def validate(
             choices = [rng.randrange(len(f)) for f in descendants]
             blocks = [descendants[b][d].module for b, d in enumerate(choices)]
             est = estimate(summed, choices, target.name)
-            drops = [bank_profile.descendants[b][d].accuracy_drop for b, d in enumerate(choices)]
             mine, reference = target.time_calls(
                 [runner.model(blocks), teacher],
                 warmup=config.warmup,
@@ -883,27 +883,33 @@ def validate(
                 rounds=config.rounds,
             )
             measured = statistics.median(mine)
-            records.append(
-                {
-                    "choices": choices,
-                    "summed_cost": sum(costs[b][d] for b, d in enumerate(choices)),
-                    "sum_estimated_accuracy": bank_profile.teacher_accuracy - sum(drops),
-                    "estimated_accuracy": est["accuracy"],
-                    "measured_accuracy": evaluate(
+            record = {
+                "choices": choices,
+                "estimated_latency_ms": est["latency_ms"],
+                "estimated_latency_ratio": est["latency_ms"] / teacher_estimate,
+                # the ratio to the teacher, timed in the same turns, cancels the drift of a
+                # machine whose speed changed since the profile was measured
+                "measured_latency_ms": measured,
+                "measured_latency_ratio": measured / statistics.median(reference),
+            }
+            if val_set is not None:
+                drops = [
+                    bank_profile.descendants[b][d].accuracy_drop for b, d in enumerate(choices)
+                ]
+                record.update(
+                    summed_cost=sum(costs[b][d] for b, d in enumerate(choices)),
+                    sum_estimated_accuracy=bank_profile.teacher_accuracy - sum(drops),
+                    estimated_accuracy=est["accuracy"],
+                    measured_accuracy=evaluate(
                         compose(decomposition, blocks), val_set, batch_size=config.batch_size
                     ),
-                    "estimated_latency_ms": est["latency_ms"],
-                    "estimated_latency_ratio": est["latency_ms"] / teacher_estimate,
-                    # the ratio to the teacher, timed in the same turns, cancels the drift of a
-                    # machine whose speed changed since the profile was measured
-                    "measured_latency_ms": measured,
-                    "measured_latency_ratio": measured / statistics.median(reference),
-                }
-            )
+                )
+            records.append(record)
             advance()
     summary = summarize_validation(records, target.name, time.perf_counter() - start)
-    summary.update(corrected_accuracy_errors(records, bank_profile))
-    summary.update(weighted_accuracy_errors(records, bank_profile))
+    if val_set is not None:
+        summary.update(corrected_accuracy_errors(records, bank_profile))
+        summary.update(weighted_accuracy_errors(records, bank_profile))
     frame_ms = summed.frame.latency_ms[target.name]
     summary.update(corrected_latency_errors(records, teacher_estimate, frame_ms))
     return summary
@@ -1047,18 +1053,24 @@ def _ratio_errors(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 def summarize_validation(
     records: list[dict[str, Any]], target: str, seconds: float
 ) -> dict[str, Any]:
-    """Error statistics of estimated against measured accuracy and latency."""
-    est_acc = [r["estimated_accuracy"] for r in records]
-    real_acc = [r["measured_accuracy"] for r in records]
+    """Error statistics of estimated against measured latency, and accuracy when the records
+    carry it."""
     est_lat = [r["estimated_latency_ms"] for r in records]
     real_lat = [r["measured_latency_ms"] for r in records]
+    accuracy = {}
+    if records and "measured_accuracy" in records[0]:
+        est_acc = [r["estimated_accuracy"] for r in records]
+        real_acc = [r["measured_accuracy"] for r in records]
+        accuracy = {
+            "accuracy_mae_points": 100
+            * statistics.fmean(abs(e - m) for e, m in zip(est_acc, real_acc, strict=True)),
+            "accuracy_spearman": spearman(est_acc, real_acc),
+            **_paper_sum_errors(records),
+        }
     return {
         "target": target,
         "samples": len(records),
-        "accuracy_mae_points": 100
-        * statistics.fmean(abs(e - m) for e, m in zip(est_acc, real_acc, strict=True)),
-        "accuracy_spearman": spearman(est_acc, real_acc),
-        **_paper_sum_errors(records),
+        **accuracy,
         "latency_mape_percent": 100
         * statistics.fmean(abs(e - m) / m for e, m in zip(est_lat, real_lat, strict=True)),
         "latency_spearman": spearman(est_lat, real_lat),

@@ -34,7 +34,15 @@ import numpy as np
 
 from .bank import Bank
 from .errors import ConfigError, ProfileError
-from .profile import BankProfile, Key, ProfileConfig, spearman, time_descendants
+from .profile import (
+    BankProfile,
+    Key,
+    ProfileConfig,
+    kept_latency_estimate,
+    spearman,
+    time_descendants,
+    validate,
+)
 from .targets import BACKENDS, Target
 
 MIN_SLOPE = 0.1  # least slope of a calibration: keeps the map increasing, so the proxy's ranking
@@ -341,6 +349,7 @@ def calibrate(
     samples: int = 10,
     config: ProfileConfig | None = None,
     *,
+    selections: int = 0,
     seed: int = 0,
     measure_frame: bool = True,
     overwrite: bool = False,
@@ -351,11 +360,15 @@ def calibrate(
     (unless not ``measure_frame``; then it is predicted too) are timed on ``target`` here, the
     rest predicted from ``proxy`` through the :class:`ProxyCalibration` fitted on them. With
     ``proxy=None`` the samples are spread over the bank's first measured target of the same
-    backend (else its first) and the proxy is then :func:`choose_proxy`'s.
+    backend (else its first) and the proxy is then :func:`choose_proxy`'s. With ``selections``,
+    that many random selections are then timed there whole, beside the teacher
+    (:func:`~blockscale.profile.validate`, latency alone), and the target gets the correction
+    and the residuals a validated build keeps, so that it selects at a ``confidence``.
 
     Returns how many descendants were measured and predicted, which were sampled, the frame's
     latency, the fit, its in-sample and held-out MAPE (%, None when there is too little to judge)
-    and, when the proxy was chosen, every candidate's held-out MAPE."""
+    and, when the proxy was chosen, every candidate's held-out MAPE; with ``selections``, how the
+    summed estimate did on them and the margin at 95% confidence."""
     profiles = bank.profile
     chosen = Target.parse(target)
     if chosen.name == proxy:
@@ -372,10 +385,11 @@ def calibrate(
     spread = proxy if proxy is not None else spread_target(profiles, chosen.name)
     keys = choose_samples(profiles, spread, samples, seed)
     frame_ms, measured = None, {}
+    decomposition, descendants = bank.decomposition(), bank.load_descendants()
     if keys or measure_frame:
         frame_ms, measured = time_descendants(
-            bank.decomposition(),
-            bank.load_descendants(),
+            decomposition,
+            descendants,
             chosen,
             config,
             only=set(keys),
@@ -405,6 +419,31 @@ def calibrate(
     # a check of earlier latencies, and the correction fitted on it, no longer hold
     profiles.validation.pop(chosen.name, None)
     profiles.latency_corrections.pop(chosen.name, None)
+    checked = None
+    if selections:
+        check = validate(
+            profiles,
+            decomposition,
+            descendants,
+            None,
+            chosen,
+            samples=selections,
+            seed=seed,
+            config=config,
+            progress=progress,
+        )
+        profiles.validation[chosen.name] = check
+        profiles.latency_corrections[chosen.name] = kept_latency_estimate(check)
+        checked = {
+            key: check[key]
+            for key in (
+                "samples",
+                "relative_latency_mape_percent",
+                "relative_latency_spearman",
+                "corrected_latency_mape_percent",
+            )
+        }
+        checked["margin_at_0.95"] = profiles.latency_corrections[chosen.name].headroom(0.95)
     bank.update(profiles=profiles.to_dict())
     in_sample = [fit.predict(proxy_ms[k]) / ms - 1.0 for k, ms in measured.items() if ms > 0]
     return {
@@ -419,6 +458,7 @@ def calibrate(
         "in_sample_mape_percent": _mape(in_sample),
         "held_out_mape_percent": held_out,
         **({} if candidates is None else {"proxy_candidates": candidates}),
+        **({} if checked is None else {"selections": checked}),
     }
 
 
