@@ -22,7 +22,10 @@ builds it), in one run:
   selections, applied to the target's own profile and to the auto prediction at k =
   ``--select-k``, scored on the other selections and in the picks; and the margin for
   ``--confidence`` that a validated build keeps with it (``Bank.select(..., confidence=)``),
-  drawn from the same selections' leave-one-out residuals, in the picks;
+  drawn from the same selections' leave-one-out residuals, in the picks; and the same margin
+  drawn instead from ``--correct-on`` selections along the kept estimate's frontier, measured
+  there (the kind of selection the solver picks, where a random selection's residual understates
+  the error);
 - the scalable predictor (target features and descendant features to latency), leave one target
   out: each target predicted from the others and its probe-block signature alone;
 - an amortised optimizer (nearest known target by signature, its stored exact picks per budget
@@ -55,7 +58,7 @@ from blockscale.profile import (
     kept_latency_estimate,
     spearman,
 )
-from blockscale.select import CostTable, solve
+from blockscale.select import CostTable, frontier, solve
 from blockscale.targets import Target
 from blockscale.transfer import (
     LatencyPredictor,
@@ -298,6 +301,25 @@ def _picks(
         kept = _kept(plain, frame, measured[name]["relative"], args.correct_on)
         return _corrected(latency, frame, kept, kept.headroom(args.confidence))
 
+    def confident_on_frontier(latency: dict, frame: float) -> tuple[dict, float]:
+        """As ``confident``, the margin drawn instead from --correct-on selections of the kept
+        estimate's frontier (the kind the solver picks), measured here beside the teacher."""
+        kept = _kept(
+            selection_ms(latency, frame), frame, measured[name]["relative"], args.correct_on
+        )
+        points = frontier(_table(bank, *_corrected(latency, frame, kept), name))
+        spread = np.linspace(0, len(points) - 1, args.correct_on).round().astype(int)
+        choices = [tuple([0] * len(descendants))]
+        choices += sorted({tuple(points[i].choices) for i in spread})
+        timed = _measure(decomposition, descendants, choices, name, args)["relative"]
+        teacher_ms = teacher(latency, frame)
+        residuals = [
+            ratio / (kept(frame + sum(latency[(b, d)] for b, d in enumerate(c))) / teacher_ms)
+            for c, ratio in zip(choices[1:], timed[1:], strict=True)
+        ]
+        margin = dataclasses.replace(kept, residuals=residuals).headroom(args.confidence)
+        return _corrected(latency, frame, kept, margin)
+
     def teacher(latency: dict, frame: float) -> float:
         return frame + sum(latency[(b, 0)] for b in range(len(descendants)))
 
@@ -322,6 +344,14 @@ def _picks(
         ),
         "profiled_confident": (
             _table(bank, *confident(full, full_frame), name),
+            teacher(full, full_frame),
+        ),
+        "auto_confident_frontier": (
+            _table(bank, *confident_on_frontier(auto, auto_frame), name),
+            teacher(auto, auto_frame),
+        ),
+        "profiled_confident_frontier": (
+            _table(bank, *confident_on_frontier(full, full_frame), name),
             teacher(full, full_frame),
         ),
     }
@@ -467,9 +497,11 @@ def _summary(transfer, picks, predictor, args) -> dict:
         "auto_margin",
         "auto_corrected",
         "auto_confident",
+        "auto_confident_frontier",
         "profiled",
         "profiled_corrected",
         "profiled_confident",
+        "profiled_confident_frontier",
     ):
         lost = [r.get(f"{source}_accuracy_lost_points") for r in rows]
         lost = [v for v in lost if v is not None]
