@@ -296,64 +296,56 @@ def _picks(
             selection_ms(latency, frame), frame, measured[name]["relative"], args.correct_on
         )
 
-    def confident(latency: dict, frame: float) -> tuple[dict, float]:
+    def kept(latency: dict, frame: float) -> LatencyCorrection:
         plain = selection_ms(latency, frame)
-        kept = _kept(plain, frame, measured[name]["relative"], args.correct_on)
-        return _corrected(latency, frame, kept, kept.headroom(args.confidence))
+        return _kept(plain, frame, measured[name]["relative"], args.correct_on)
+
+    def corrected(latency: dict, frame: float) -> tuple[dict, float]:
+        return _corrected(latency, frame, fitted(latency, frame))
+
+    def confident(latency: dict, frame: float) -> tuple[dict, float]:
+        fix = kept(latency, frame)
+        return _corrected(latency, frame, fix, fix.headroom(args.confidence))
 
     def confident_on_frontier(latency: dict, frame: float) -> tuple[dict, float]:
         """As ``confident``, the margin drawn instead from --correct-on selections of the kept
         estimate's frontier (the kind the solver picks), measured here beside the teacher."""
-        kept = _kept(
-            selection_ms(latency, frame), frame, measured[name]["relative"], args.correct_on
-        )
-        points = frontier(_table(bank, *_corrected(latency, frame, kept), name))
+        fix = kept(latency, frame)
+        points = frontier(_table(bank, *_corrected(latency, frame, fix), name))
         spread = np.linspace(0, len(points) - 1, args.correct_on).round().astype(int)
         choices = [tuple([0] * len(descendants))]
         choices += sorted({tuple(points[i].choices) for i in spread})
         timed = _measure(decomposition, descendants, choices, name, args)["relative"]
         teacher_ms = teacher(latency, frame)
         residuals = [
-            ratio / (kept(frame + sum(latency[(b, d)] for b, d in enumerate(c))) / teacher_ms)
+            ratio / (fix(frame + sum(latency[(b, d)] for b, d in enumerate(c))) / teacher_ms)
             for c, ratio in zip(choices[1:], timed[1:], strict=True)
         ]
-        margin = dataclasses.replace(kept, residuals=residuals).headroom(args.confidence)
-        return _corrected(latency, frame, kept, margin)
+        margin = dataclasses.replace(fix, residuals=residuals).headroom(args.confidence)
+        return _corrected(latency, frame, fix, margin)
 
     def teacher(latency: dict, frame: float) -> float:
         return frame + sum(latency[(b, 0)] for b in range(len(descendants)))
 
-    # each source: its table, and the teacher's latency by its own uncorrected numbers, which
-    # the budget is a fraction of (the same fraction of the teacher as measured is what it meets)
+    def source(latency: dict, frame: float, adjust=None) -> tuple[CostTable, float]:
+        """A source's table (its latencies through ``adjust``, if any) and the teacher's latency
+        by its own uncorrected numbers, which the budget is a fraction of (the same fraction of
+        the teacher as measured is what it meets)."""
+        table = _table(bank, *(adjust(latency, frame) if adjust else (latency, frame)), name)
+        return table, teacher(latency, frame)
+
+    auto_table, auto_teacher = source(auto, auto_frame)
     sources = {
-        "predicted": (_table(bank, fixed, frame, name), teacher(fixed, frame)),
-        "auto": (_table(bank, auto, auto_frame, name), teacher(auto, auto_frame)),
-        "auto_margin": (_table(bank, auto, auto_frame, name), margin * teacher(auto, auto_frame)),
-        "auto_corrected": (
-            _table(bank, *_corrected(auto, auto_frame, fitted(auto, auto_frame)), name),
-            teacher(auto, auto_frame),
-        ),
-        "profiled": (_table(bank, full, full_frame, name), teacher(full, full_frame)),
-        "profiled_corrected": (
-            _table(bank, *_corrected(full, full_frame, fitted(full, full_frame)), name),
-            teacher(full, full_frame),
-        ),
-        "auto_confident": (
-            _table(bank, *confident(auto, auto_frame), name),
-            teacher(auto, auto_frame),
-        ),
-        "profiled_confident": (
-            _table(bank, *confident(full, full_frame), name),
-            teacher(full, full_frame),
-        ),
-        "auto_confident_frontier": (
-            _table(bank, *confident_on_frontier(auto, auto_frame), name),
-            teacher(auto, auto_frame),
-        ),
-        "profiled_confident_frontier": (
-            _table(bank, *confident_on_frontier(full, full_frame), name),
-            teacher(full, full_frame),
-        ),
+        "predicted": source(fixed, frame),
+        "auto": (auto_table, auto_teacher),
+        "auto_margin": (auto_table, margin * auto_teacher),
+        "auto_corrected": source(auto, auto_frame, corrected),
+        "profiled": source(full, full_frame),
+        "profiled_corrected": source(full, full_frame, corrected),
+        "auto_confident": source(auto, auto_frame, confident),
+        "profiled_confident": source(full, full_frame, confident),
+        "auto_confident_frontier": source(auto, auto_frame, confident_on_frontier),
+        "profiled_confident_frontier": source(full, full_frame, confident_on_frontier),
     }
     rows, picked = [], set()
     for fraction in FRACTIONS:

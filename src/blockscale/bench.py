@@ -62,9 +62,9 @@ _MIB = float(2**20)
 class BenchConfig:
     """What the evaluation runs: models (each needs ``checkpoints/MODEL-DATASET.safetensors``),
     the bank's sparsity levels (the families get the same, less 0) and the multiple every kept
-    width is rounded up to (bank and families alike; :class:`DeriveConfig`), epochs for bank and families
-    alike, image counts, the random selections the build validates (and fits its corrections
-    on, as a default build does), the confidence of blockscale's second pick at each latency
+    width is rounded up to (bank and families alike; :class:`DeriveConfig`), epochs for bank
+    and families alike, image counts, the random selections the build validates (and fits its
+    corrections on, as a default build does), the confidence of blockscale's second pick at each latency
     budget (``Bank.select(..., confidence=)``; None: no second pick), budget fractions, the
     target, the trace length, the seed, and how latency is timed."""
 
