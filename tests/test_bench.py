@@ -58,19 +58,18 @@ def test_quick_bench_runs_every_method_and_writes_its_results(tmp_path):
         if row["kind"] == "latency" and confident is not None:  # never slower by its estimate
             assert confident["estimate"]["latency_ms"] <= pick["estimate"]["latency_ms"] + 1e-9
     # the build validated 3 random selections and kept a latency correction only if it helped,
-    # else the plain sum; either with its residuals
+    # else the plain sum; either with the residuals of the frontier selections measured after
     check = model["validation"]
     assert check["samples"] == 3 and "records" not in check
+    assert check["frontier"]["samples"] >= 1 and "records" not in check["frontier"]
     helped = check["corrected_latency_mape_percent"] < check["relative_latency_mape_percent"]
     kept = model["latency_correction"]
-    if helped:
-        assert kept == check["latency_correction"]
-    else:
-        assert kept == {
-            "offset_ms": 0.0,
-            "scale": 1.0,
-            "residuals": check["plain_latency_residuals"],
-        }
+    fit = check["latency_correction"] if helped else {"offset_ms": 0.0, "scale": 1.0}
+    assert kept == {
+        "offset_ms": fit["offset_ms"],
+        "scale": fit["scale"],
+        "residuals": check["frontier"]["latency_residuals"],
+    }
     assert {"bytes_ratio", "switch_seconds_ratio"} <= set(model["switching"])
     assert not any(key.startswith("accuracy") for key in model["switching"])  # estimates only
     training = model["training"]

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -190,6 +191,10 @@ def built_bank(tmp_path_factory):
         "32",
         "--validate-samples",
         "2",
+        "--validate-frontier",
+        "3",
+        "--chain",
+        "0.25",
         "--json",
     )
     assert result.exit_code == 0, result.output
@@ -201,7 +206,10 @@ def test_build_writes_a_profiled_bank(built_bank):
     assert summary["options"] == 3**9
     bank = Bank.open(out)
     assert set(bank.profile.targets) == {"ort-1t"}
-    assert bank.manifest["profiles"]["validation"]["ort-1t"]["samples"] == 2
+    check = bank.manifest["profiles"]["validation"]["ort-1t"]
+    assert check["samples"] == 2 and 1 <= check["frontier"]["samples"] <= 3
+    assert bank.manifest["build"]["retrain"]["chain"] == 0.25
+    assert bank.manifest["build"]["validate_frontier"] == 3
     assert not out.with_name("bank.build").exists()
 
 
@@ -601,6 +609,21 @@ def test_calibrate_adds_a_predicted_target(tiny_bank, tmp_path):
     )
     assert checked.exit_code == 0, checked.output
     assert "3 selections timed whole" in checked.stdout and "--confidence 0.95" in checked.stdout
+    assert "from the random ones" in checked.stdout
+    framed = invoke(
+        "calibrate",
+        copy,
+        *args,
+        "--target",
+        "torch-2t",
+        "--overwrite",
+        "--selections",
+        "3",
+        "--frontier",
+        "2",
+    )
+    assert framed.exit_code == 0, framed.output
+    assert re.search(r"from [12] on the frontier", " ".join(framed.stdout.split()))
     confident = ("--latency-ms", "1000", "--target", "torch-2t", "--confidence", "0.95")
     assert invoke("select", copy, *confident).exit_code == 0
     assert "latency margin for --confidence 0.95" in invoke("inspect", copy).stdout

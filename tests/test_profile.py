@@ -20,6 +20,7 @@ from blockscale.extract import compose, extract
 from blockscale.profile import (
     GAMMAS,
     BankProfile,
+    LatencyCorrection,
     ProfileConfig,
     _link,
     add_target,
@@ -28,9 +29,12 @@ from blockscale.profile import (
     fit_additive,
     fit_block_weights,
     fit_interactions,
+    frontier_choices,
+    kept_latency_estimate,
     peak_activation_bytes,
     predict_selections,
     profile,
+    refit_latency_estimate,
     slot_context_bytes,
     spearman,
     summarize_validation,
@@ -849,3 +853,67 @@ def test_block_weights_recover_blocks_that_lose_more_among_others(bank):
     assert report["weighted_accuracy_mae_points"] < 0.1
     weighted = dataclasses.replace(plain, block_weights=weights)
     assert weighted.costs()[0][1] == pytest.approx(weights[0] * base[0][1])
+
+
+def _pareto(points):
+    """The (cost, latency) pairs no other pair beats in both, by brute force."""
+    return {p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 100])
+def test_frontier_choices_lie_on_the_pareto_frontier_and_spread_along_it(bank, count):
+    _, _, families, _, profiles = bank
+    costs = profiles.costs()
+
+    def point(choices):
+        return (
+            round(sum(costs[b][d] for b, d in enumerate(choices)), 6),
+            round(estimate(profiles, list(choices), "torch-1t")["latency_ms"], 6),
+        )
+
+    every = {point(c) for c in itertools.product(*(range(len(f)) for f in families))}
+    best = _pareto(every)
+    picked = frontier_choices(profiles, "torch-1t", count)
+    assert len(picked) == min(count, len(best))
+    assert {point(c) for c in picked} <= best
+    if count >= len(best):
+        assert {point(c) for c in picked} == best
+    if count > 1:  # both ends: the fastest and the most accurate
+        latencies = [point(c)[1] for c in picked]
+        assert min(latencies) == min(p[1] for p in best)
+        assert max(latencies) == max(p[1] for p in best)
+
+
+def test_validate_measures_the_frontier_and_draws_the_margin_from_it(bank):
+    _, d, families, val_set, profiles = bank
+    check = validate(
+        profiles, d, families, val_set, Target(), samples=5, frontier=3, config=FAST, progress=False
+    )
+    assert check["samples"] == len(check["records"]) == 5  # the random ones alone
+    at = check["frontier"]
+    assert at["samples"] == len(at["records"]) == len(at["latency_residuals"]) == 3
+    assert [r["choices"] for r in at["records"]] == frontier_choices(profiles, "torch-1t", 3)
+    without = {k: v for k, v in check.items() if k != "frontier"}
+    random_kept = kept_latency_estimate(without)
+    teacher_ms = estimate(profiles, [0, 0], "torch-1t")["latency_ms"]
+    for record, residual in zip(at["records"], at["latency_residuals"], strict=True):
+        corrected = random_kept(record["estimated_latency_ms"]) / teacher_ms
+        assert residual == pytest.approx(record["measured_latency_ratio"] / corrected)
+        assert "measured_accuracy" in record
+    kept = kept_latency_estimate(check)
+    assert (kept.offset_ms, kept.scale) == (random_kept.offset_ms, random_kept.scale)
+    assert kept.residuals == tuple(at["latency_residuals"])
+    assert len(random_kept.residuals) == 5
+    # a bank that kept the map alone gets the same margin back from its stored selections
+    before = dataclasses.replace(
+        profiles,
+        validation={"torch-1t": check},
+        latency_corrections={"torch-1t": LatencyCorrection(kept.offset_ms, kept.scale)},
+    )
+    assert refit_latency_estimate(before, "torch-1t").residuals == pytest.approx(kept.residuals)
+
+
+def test_validate_rejects_a_negative_frontier(bank):
+    _, d, families, val_set, profiles = bank
+    with pytest.raises(ConfigError, match="frontier"):
+        validate(profiles, d, families, val_set, Target(), frontier=-1, progress=False)

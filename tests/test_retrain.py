@@ -98,17 +98,37 @@ def test_retraining_lowers_the_error_of_every_pruned_descendant(setup):
     assert per_descendant <= report.train_seconds
 
 
-def test_the_best_state_is_kept_not_the_last(setup):
+@pytest.mark.parametrize("chain", [0.0, 0.5])
+def test_the_best_state_is_kept_not_the_last(setup, chain):
     teacher, _, data = setup
-    families, report = _run(setup, lr=0.05, epochs=5)
+    families, report = _run(setup, lr=0.05, epochs=5, chain=chain)
     # the validation split retrain draws: the first val_fraction of a seeded permutation
     order = torch.randperm(N, generator=torch.Generator().manual_seed(CONFIG.seed))
     val = _teacher_features(teacher, _images(data, order[: round(N * CONFIG.val_fraction)]))
-    for b, family in enumerate(families):
+    # with chain, res2's descendants were validated through res1's as they stood that epoch
+    for b, family in enumerate(families if chain == 0 else families[:1]):
         for i, desc in enumerate(family[1:], start=1):
             assert _mse(desc.module, val[b]) == pytest.approx(report.val_mse_after[b][i], rel=1e-4)
     histories = [h for fam in report.history for h in fam if h]
     assert any(h.index(min(h)) != len(h) - 1 for h in histories), "every run ended at its best"
+
+
+def test_chained_descendants_are_validated_through_their_predecessor(setup):
+    """With chain 1, res2's descendant at each level is validated on res1's descendant's output."""
+    teacher, d, data = setup
+    families = _families(d)
+    initial = copy.deepcopy(families)
+    report = retrain(d, families, data, _config(chain=1.0, epochs=1), progress=False)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(CONFIG.seed))
+    (x0, y0), (_, y1) = _teacher_features(
+        teacher, _images(data, order[: round(N * CONFIG.val_fraction)])
+    )
+    with torch.no_grad():
+        for level in (1, 2):
+            first, second = (initial[b][level].module.eval() for b in (0, 1))
+            assert report.val_mse_before[0][level] == pytest.approx(_mse(first, (x0, y0)), rel=1e-5)
+            chained = torch.nn.functional.mse_loss(second(first(x0)), y1).item()
+            assert report.val_mse_before[1][level] == pytest.approx(chained, rel=1e-5)
 
 
 def test_unpruned_descendants_are_untouched(setup):
@@ -300,6 +320,8 @@ def test_without_validation_the_last_state_is_kept(setup):
         {"val_fraction": -0.1},
         {"cache": "gpu"},
         {"cache_dtype": "bfloat16"},
+        {"chain": -0.1},
+        {"chain": 1.5},
     ],
 )
 def test_bad_retrain_config(bad):
@@ -307,8 +329,53 @@ def test_bad_retrain_config(bad):
         RetrainConfig(**bad)
 
 
+def _rows_of(x, features):
+    """Whether every sample of ``x`` is one of ``features``' samples."""
+    if len(x) == 0:
+        return True
+    exact = "donot_use_mm_for_euclid_dist"
+    distances = torch.cdist(x.flatten(1), features.flatten(1), compute_mode=exact)
+    return bool((distances.min(1).values < 1e-4).all())
+
+
+@pytest.mark.parametrize(
+    ("chain", "cache"), [(0.0, "memory"), (0.5, "memory"), (1.0, "memory"), (0.5, "none")]
+)
+def test_chained_retraining_feeds_the_previous_blocks_descendant(setup, chain, cache):
+    """With chain c, the first c of each batch reaches a descendant of res2 through the
+    descendant of res1 at its level, in the same step; the rest is the teacher's input."""
+    teacher, d, data = setup
+    families = _families(d)
+    features = _teacher_features(teacher, _images(data, range(N)))
+    seen: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def record(key, kind):
+        def hook(module, args, out):
+            if module.training:
+                seen.setdefault((key, kind), []).append(args[0] if kind == "in" else out)
+
+        return hook
+
+    for b, family in enumerate(families):
+        for level, x in enumerate(family):
+            x.module.register_forward_hook(record((b, level), "in"))
+            x.module.register_forward_hook(record((b, level), "out"))
+    retrain(d, families, data, _config(chain=chain, cache=cache, epochs=1), progress=False)
+    for level in (1, 2):
+        ins, ups = seen[(1, level), "in"], seen[(0, level), "out"]
+        assert len(ins) == len(ups) > 0
+        for x, up in zip(ins, ups, strict=True):
+            k = round(len(x) * chain)
+            assert torch.equal(x[:k], up[:k].detach())
+            if k < len(x):
+                assert not torch.allclose(x[k:], up[k:])
+            assert _rows_of(x[k:], features[1][0])
+        # the first block has no predecessor: it always sees the teacher's input
+        assert all(_rows_of(x, features[0][0]) for x in seen[(0, level), "in"])
+
+
 def test_retrain_config_round_trip():
-    config = RetrainConfig(epochs=3, cache="disk", cache_dtype="float16", cache_dir="/x")
+    config = RetrainConfig(epochs=3, cache="disk", cache_dtype="float16", cache_dir="/x", chain=0.5)
     assert RetrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 

@@ -367,6 +367,24 @@ def test_calibrate_with_selections_gives_the_target_a_margin(bank, tmp_path):
     assert again.profile.latency_corrections["torch-2t"] == kept
     pick = again.select(Budget(latency_ms=1e3), "torch-2t", confidence=0.95)
     assert pick.choices == (0, 0)
+    # with frontier selections as well, the margin is theirs
+    summary = calibrate(
+        again,
+        "torch-1t",
+        "torch-2t",
+        2,
+        FAST,
+        selections=4,
+        frontier=2,
+        overwrite=True,
+        progress=False,
+    )
+    at = again.profile.validation["torch-2t"]["frontier"]
+    assert summary["selections"]["frontier"] == at["samples"] == len(at["records"])
+    assert 1 <= at["samples"] <= 2  # the frontier may be shorter
+    kept = again.profile.latency_corrections["torch-2t"]
+    assert list(kept.residuals) == at["latency_residuals"]
+    assert summary["selections"]["margin_at_0.95"] == kept.headroom(0.95)
 
 
 def test_calibrate_without_timing_the_frame_predicts_it(bank, tmp_path):

@@ -44,7 +44,7 @@ from .data import load_dataset, subset
 from .errors import ConfigError, InfeasibleBudgetError
 from .models import load_checkpoint
 from .pipeline import BuildConfig, build, training_subsets
-from .profile import ProfileConfig, peak_activation_bytes, weight_bytes
+from .profile import ProfileConfig, peak_activation_bytes, weight_bytes, without_records
 from .replay import budget_range, replay
 from .retrain import RetrainConfig
 from .targets import Target
@@ -275,11 +275,7 @@ def bench_model(
                 for (kind, fraction), row in picks.items()
             ],
             "switching": switching,
-            "validation": {
-                key: value
-                for key, value in bank.profile.validation.get(config.target, {}).items()
-                if key != "records"
-            },
+            "validation": without_records(bank.profile.validation.get(config.target, {})),
             "latency_correction": (
                 fix.to_dict()
                 if (fix := bank.profile.latency_corrections.get(config.target))

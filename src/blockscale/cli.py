@@ -374,6 +374,15 @@ def build(
     epochs: Annotated[int, typer.Option(help="Retraining epochs per descendant.")] = 10,
     lr: Annotated[float, typer.Option(help="Retraining learning rate (Adam).")] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Retraining batch size.")] = 64,
+    chain: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of each batch a descendant sees through the previous block's descendant "
+            "at its level (0: the teacher's input alone, as LegoDNN).",
+        ),
+    ] = 0.5,
     retrain_samples: Annotated[int, typer.Option(help="Training images for retraining.")] = 10_000,
     profile_samples: Annotated[
         int, typer.Option(help="Held-out training images for accuracy drops.")
@@ -381,6 +390,14 @@ def build(
     validate_samples: Annotated[
         int, typer.Option(help="Random selections measured to check the estimate (0: skip).")
     ] = 20,
+    validate_frontier: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Selections along the estimate's frontier measured after them, for the margin "
+            "of select --confidence (0: the random selections give it).",
+        ),
+    ] = 10,
     target: Annotated[
         str, typer.Option(help="Latency target: ort-Nt (ONNX Runtime), torch-Nt or tflite-Nt.")
     ] = "ort-1t",
@@ -416,6 +433,7 @@ def build(
                 epochs=epochs,
                 lr=lr,
                 batch_size=batch_size,
+                chain=chain,
                 seed=seed,
                 cache=cache,
                 cache_dtype="float16" if fp16_cache else "float32",
@@ -425,6 +443,7 @@ def build(
             retrain_samples=retrain_samples,
             profile_samples=profile_samples,
             validate_samples=validate_samples,
+            validate_frontier=validate_frontier,
             seed=seed,
             blocks=_block_names(blocks),
         )
@@ -758,6 +777,14 @@ def calibrate(
             "select --confidence its margin (0: none).",
         ),
     ] = 0,
+    frontier: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="With --selections, selections along the estimate's frontier timed too: the "
+            "kind select picks, whose residuals then give the margin (0: the random ones').",
+        ),
+    ] = 0,
     repeats: Annotated[int, typer.Option(help="Timed runs per module (median).")] = 30,
     warmup: Annotated[int, typer.Option(help="Untimed runs before each round.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the sampled descendants.")] = 0,
@@ -787,6 +814,7 @@ def calibrate(
             samples,
             ProfileConfig(repeats=repeats, warmup=warmup),
             selections=selections,
+            frontier=frontier,
             seed=seed,
             measure_frame=measure_frame,
             overwrite=overwrite,
@@ -817,10 +845,16 @@ def calibrate(
         )
         if "selections" in summary:
             check = summary["selections"]
+            source = (
+                f"from {check['frontier']} on the frontier, off by "
+                f"{check['frontier_latency_mape_percent']:.1f}% there"
+                if "frontier" in check
+                else "from the random ones"
+            )
             _out.print(
                 f"{check['samples']} selections timed whole: summed estimate off by "
                 f"{check['relative_latency_mape_percent']:.1f}% (MAPE); margin for "
-                f"--confidence 0.95: x{check['margin_at_0.95']:.3f}"
+                f"--confidence 0.95: x{check['margin_at_0.95']:.3f} ({source})"
             )
 
     _emit(summary, as_json, render)

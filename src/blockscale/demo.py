@@ -24,7 +24,7 @@ from .extract import compose
 from .models import create_model, load_checkpoint, save_checkpoint
 from .pipeline import BuildConfig, build
 from .plots import plot_frontier
-from .profile import ProfileConfig
+from .profile import ProfileConfig, without_records
 from .retrain import RetrainConfig
 from .targets import Target
 from .train import TrainConfig, evaluate, train
@@ -42,6 +42,7 @@ def demo_config() -> BuildConfig:
         retrain_samples=3_000,
         profile_samples=1_000,
         validate_samples=12,
+        validate_frontier=6,
     )
 
 
@@ -166,7 +167,7 @@ def run_demo(
         "timings": bank.manifest.get("timings", {}),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    summary["validation"] = {k: v for k, v in summary["validation"].items() if k != "records"}
+    summary["validation"] = without_records(summary["validation"])
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -37,7 +37,9 @@ class BuildConfig:
     ``retrain_samples`` images of the training set feed block retraining and a disjoint
     ``profile_samples`` images measure accuracy drops; ``validate_samples`` random selections check
     the additive estimate (0 skips the check) and fit its correction, kept only when it beats the
-    plain estimate by leave-one-out. ``combine`` says how the parts add up: drops in accuracy
+    plain estimate by leave-one-out, and ``validate_frontier`` selections along the estimate's
+    frontier give the latency margin for selection at a confidence (0: the random selections'
+    residuals give it). ``combine`` says how the parts add up: drops in accuracy
     points as LegoDNN (``"sum"``), in log-odds (``"logit"``), or costs fitted to how the drops
     compound on the profiling images (``"fitted"``, :func:`blockscale.profile.fit_interactions`,
     corrected by one weight per block from the validated selections); all are additive, so
@@ -51,6 +53,7 @@ class BuildConfig:
     retrain_samples: int = 10_000
     profile_samples: int = 2_000
     validate_samples: int = 50
+    validate_frontier: int = 10
     combine: str = "fitted"
     seed: int = 0
     blocks: tuple[str, ...] | None = None
@@ -58,11 +61,16 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.combine not in ("sum", "logit", "fitted"):
             raise ConfigError(f"combine must be 'sum', 'logit' or 'fitted', got {self.combine!r}")
-        if self.retrain_samples < 1 or self.profile_samples < 1 or self.validate_samples < 0:
+        if (
+            self.retrain_samples < 1
+            or self.profile_samples < 1
+            or self.validate_samples < 0
+            or self.validate_frontier < 0
+        ):
             raise ConfigError(
-                "retrain_samples and profile_samples must be positive and validate_samples at "
-                f"least 0, got {self.retrain_samples}, {self.profile_samples}, "
-                f"{self.validate_samples}"
+                "retrain_samples and profile_samples must be positive, validate_samples and "
+                f"validate_frontier at least 0, got {self.retrain_samples}, "
+                f"{self.profile_samples}, {self.validate_samples}, {self.validate_frontier}"
             )
         Target.parse(self.target)
 
@@ -79,6 +87,7 @@ class BuildConfig:
             retrain_samples=int(data["retrain_samples"]),
             profile_samples=int(data["profile_samples"]),
             validate_samples=int(data["validate_samples"]),
+            validate_frontier=int(data.get("validate_frontier", 0)),
             combine=data.get("combine", "sum"),
             seed=int(data["seed"]),
             blocks=tuple(data["blocks"]) if data.get("blocks") else None,
@@ -210,6 +219,7 @@ def build(
             profile_set,
             target,
             samples=config.validate_samples,
+            frontier=config.validate_frontier,
             seed=config.seed,
             config=config.profile,
             progress=progress,

@@ -32,6 +32,8 @@ from ._progress import progress_bar
 from .derive import Descendant
 from .errors import ConfigError, ProfileError, UntraceableModelError
 from .extract import Decomposition, compose, slot_name, trace
+from .select import CostTable
+from .select import frontier as pareto_frontier
 from .targets import Target
 from .train import evaluate
 from .types import Profile, require_latency
@@ -847,6 +849,7 @@ def validate(
     target: Target,
     *,
     samples: int = 20,
+    frontier: int = 0,
     seed: int = 0,
     config: ProfileConfig | None = None,
     progress: bool = True,
@@ -858,9 +861,17 @@ def validate(
     measured selection. Latency is estimated by the plain sum (any correction the target has is
     left out), which the latency correction is fitted to. Without a ``val_set``, latency alone:
     what a target added later (``calibrate``) is checked and corrected on, with no images.
+
+    With ``frontier``, that many selections spread along the estimate's accuracy-latency
+    frontier are then measured too (under ``"frontier"``): the kind selection picks, whose
+    latency the estimate understates more often than a random selection's, since the solver
+    seeks out what looks fast. They are out of sample for the corrections fitted on the random
+    ones, and their residuals are what :func:`kept_latency_estimate` draws a margin from.
     """
     if samples < 1:
         raise ConfigError(f"validate needs at least one sample, got {samples}")
+    if frontier < 0:
+        raise ConfigError(f"validate's frontier must be at least 0, got {frontier}")
     config = config or ProfileConfig()
     rng = random.Random(seed)
     plan = decomposition.plan
@@ -868,43 +879,44 @@ def validate(
     teacher = runner.model(decomposition.blocks)
     summed = dataclasses.replace(bank_profile, latency_corrections={})
     teacher_estimate = estimate(summed, [0] * plan.num_blocks, target.name)["latency_ms"]
-    records = []
     costs = bank_profile.costs()
+
+    def measure(choices: list[int]) -> dict[str, Any]:
+        blocks = [descendants[b][d].module for b, d in enumerate(choices)]
+        est = estimate(summed, choices, target.name)
+        mine, reference = target.time_calls(
+            [runner.model(blocks), teacher],
+            warmup=config.warmup,
+            repeats=config.repeats,
+            rounds=config.rounds,
+        )
+        measured = statistics.median(mine)
+        record = {
+            "choices": choices,
+            "estimated_latency_ms": est["latency_ms"],
+            "estimated_latency_ratio": est["latency_ms"] / teacher_estimate,
+            # the ratio to the teacher, timed in the same turns, cancels the drift of a
+            # machine whose speed changed since the profile was measured
+            "measured_latency_ms": measured,
+            "measured_latency_ratio": measured / statistics.median(reference),
+        }
+        if val_set is not None:
+            drops = [bank_profile.descendants[b][d].accuracy_drop for b, d in enumerate(choices)]
+            record.update(
+                summed_cost=sum(costs[b][d] for b, d in enumerate(choices)),
+                sum_estimated_accuracy=bank_profile.teacher_accuracy - sum(drops),
+                estimated_accuracy=est["accuracy"],
+                measured_accuracy=evaluate(
+                    compose(decomposition, blocks), val_set, batch_size=config.batch_size
+                ),
+            )
+        return record
+
     start = time.perf_counter()
     with progress_bar("validate estimates", samples, enabled=progress) as advance:
+        records = []
         for _ in range(samples):
-            choices = [rng.randrange(len(f)) for f in descendants]
-            blocks = [descendants[b][d].module for b, d in enumerate(choices)]
-            est = estimate(summed, choices, target.name)
-            mine, reference = target.time_calls(
-                [runner.model(blocks), teacher],
-                warmup=config.warmup,
-                repeats=config.repeats,
-                rounds=config.rounds,
-            )
-            measured = statistics.median(mine)
-            record = {
-                "choices": choices,
-                "estimated_latency_ms": est["latency_ms"],
-                "estimated_latency_ratio": est["latency_ms"] / teacher_estimate,
-                # the ratio to the teacher, timed in the same turns, cancels the drift of a
-                # machine whose speed changed since the profile was measured
-                "measured_latency_ms": measured,
-                "measured_latency_ratio": measured / statistics.median(reference),
-            }
-            if val_set is not None:
-                drops = [
-                    bank_profile.descendants[b][d].accuracy_drop for b, d in enumerate(choices)
-                ]
-                record.update(
-                    summed_cost=sum(costs[b][d] for b, d in enumerate(choices)),
-                    sum_estimated_accuracy=bank_profile.teacher_accuracy - sum(drops),
-                    estimated_accuracy=est["accuracy"],
-                    measured_accuracy=evaluate(
-                        compose(decomposition, blocks), val_set, batch_size=config.batch_size
-                    ),
-                )
-            records.append(record)
+            records.append(measure([rng.randrange(len(f)) for f in descendants]))
             advance()
     summary = summarize_validation(records, target.name, time.perf_counter() - start)
     if val_set is not None:
@@ -912,6 +924,63 @@ def validate(
         summary.update(weighted_accuracy_errors(records, bank_profile))
     frame_ms = summed.frame.latency_ms[target.name]
     summary.update(corrected_latency_errors(records, teacher_estimate, frame_ms))
+    if frontier:
+        points = frontier_choices(summed, target.name, frontier)
+        with progress_bar("validate the frontier", len(points), enabled=progress) as advance:
+            picked = []
+            for choices in points:
+                picked.append(measure(choices))
+                advance()
+        kept = kept_latency_estimate(summary)
+        summary["frontier"] = frontier_errors(picked, kept, teacher_estimate)
+    return summary
+
+
+def frontier_choices(bank_profile: BankProfile, target: str, count: int) -> list[list[int]]:
+    """``count`` selections (fewer if the frontier is shorter) evenly spaced by rank along the
+    accuracy-latency frontier of ``bank_profile``'s estimate on ``target``. An increasing
+    affine latency correction leaves the frontier as it is, so the plain sum's is the one."""
+    latency = [[p.latency_ms[target] for p in family] for family in bank_profile.descendants]
+    table = CostTable(
+        drop=_padded(bank_profile.costs()),
+        latency_ms=_padded(latency),
+        weight_bytes=np.zeros((len(latency), max(map(len, latency)))),
+        activation_bytes=np.zeros((len(latency), max(map(len, latency)))),
+        sizes=tuple(map(len, latency)),
+        frame_latency_ms=bank_profile.frame.latency_ms[target],
+    )
+    points = [list(s.choices) for s in pareto_frontier(table)]
+    ranks = np.unique(np.linspace(0, len(points) - 1, min(count, len(points))).round())
+    return [points[int(r)] for r in ranks]
+
+
+def _padded(rows: Sequence[Sequence[float]]) -> np.ndarray:
+    width = max(map(len, rows))
+    return np.array([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=np.float64)
+
+
+def frontier_errors(
+    records: Sequence[dict[str, Any]], kept: LatencyCorrection, teacher_ms: float
+) -> dict[str, Any]:
+    """How the estimate that validation keeps (``kept``, fitted on random selections; ms, with
+    the teacher's summed latency ``teacher_ms``) did on measured frontier selections: their
+    residuals (measured over estimated latency, relative to the teacher), its relative latency
+    MAPE and, when the records carry accuracy, the accuracy estimate's signed error there."""
+    offset = kept.offset_ms / teacher_ms
+    residuals = [
+        r["measured_latency_ratio"] / (offset + kept.scale * r["estimated_latency_ratio"])
+        for r in records
+    ]
+    summary: dict[str, Any] = {
+        "samples": len(records),
+        "latency_residuals": residuals,
+        "latency_mape_percent": 100 * statistics.fmean(abs(1 - 1 / q) for q in residuals),
+    }
+    if records and "measured_accuracy" in records[0]:
+        summary["accuracy_overestimate_points"] = 100 * statistics.fmean(
+            r["estimated_accuracy"] - r["measured_accuracy"] for r in records
+        )
+    summary["records"] = list(records)
     return summary
 
 
@@ -941,13 +1010,26 @@ def corrected_latency_errors(
     }
 
 
+def without_records(check: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`validate` summary without its measured selections (at the frontier too), for
+    reports."""
+    summary = {key: value for key, value in check.items() if key != "records"}
+    if "frontier" in summary:
+        summary["frontier"] = without_records(summary["frontier"])
+    return summary
+
+
 def kept_latency_estimate(check: dict[str, Any]) -> LatencyCorrection:
     """What validation keeps for a target's latency, from :func:`validate`'s summary: the
     fitted correction when it beat the plain sum out of sample, else the plain sum (the
-    identity); either way with the residuals of the one kept."""
+    identity); with the residuals of the measured frontier selections when there are any (what
+    the margin must cover), else the random selections' of the one kept."""
     if check["corrected_latency_mape_percent"] < check["relative_latency_mape_percent"]:
-        return LatencyCorrection(**check["latency_correction"])
-    return LatencyCorrection(residuals=check["plain_latency_residuals"])
+        kept = LatencyCorrection(**check["latency_correction"])
+    else:
+        kept = LatencyCorrection(residuals=check["plain_latency_residuals"])
+    at_frontier = check.get("frontier", {}).get("latency_residuals")
+    return dataclasses.replace(kept, residuals=at_frontier) if at_frontier else kept
 
 
 def refit_latency_estimate(bank_profile: BankProfile, target: str) -> LatencyCorrection:
@@ -961,6 +1043,9 @@ def refit_latency_estimate(bank_profile: BankProfile, target: str) -> LatencyCor
         **_ratio_errors(records),
         **corrected_latency_errors(records, teacher_ms, summed.frame.latency_ms[target]),
     }
+    at_frontier = bank_profile.validation[target].get("frontier", {}).get("records")
+    if at_frontier:
+        check["frontier"] = frontier_errors(at_frontier, kept_latency_estimate(check), teacher_ms)
     return kept_latency_estimate(check)
 
 

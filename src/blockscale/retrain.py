@@ -3,8 +3,9 @@
 The teacher runs once per batch: the input and output of every block are captured and cached (in
 memory when they fit, else in memory-mapped files on disk, optionally as float16), so later epochs
 never rerun it. Every descendant of a block trains from the same cached pairs, with the mean squared
-error between its output and the teacher block's output, both fed the teacher's block input. The
-state with the lowest validation error is kept. Unpruned copies are not retrained: they already
+error between its output and the teacher block's output, fed the teacher's block input or, for a
+share of each batch (``RetrainConfig.chain``), the output of the previous block's descendant at the
+same level. The state with the lowest validation error (on the teacher's inputs) is kept. Unpruned copies are not retrained: they already
 equal the teacher's block exactly.
 """
 
@@ -41,6 +42,13 @@ class RetrainConfig:
     ``cache_dir`` when given and removed afterwards),
     ``"auto"`` (memory when the features fit in ``memory_limit_mb``), or ``"none"`` (rerun the
     teacher on every batch of every epoch, as LegoDNN's code does; for comparison).
+
+    ``chain``: the share of each batch that a descendant sees through
+    the descendant at its own level of the block before it (whose output that batch, detached),
+    instead of the teacher's input, where the block's input is the previous block's output; 0 is
+    LegoDNN's purely local distillation. The target stays the teacher's output, so a chained
+    descendant also learns to undo the error of its pruned predecessor, the error that compounds
+    when a selection prunes many blocks in a row.
     """
 
     epochs: int = 10
@@ -53,10 +61,13 @@ class RetrainConfig:
     cache_dtype: Literal["float32", "float16"] = "float32"
     cache_dir: str | None = None
     memory_limit_mb: int = 4096
+    chain: float = 0.5
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"epochs, batch_size and lr must be positive, got {self}")
+        if not 0.0 <= self.chain <= 1.0:
+            raise ConfigError(f"chain must lie in [0, 1], got {self.chain}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         if self.cache not in ("auto", "memory", "disk", "none"):
@@ -117,6 +128,11 @@ class FeatureCache:
                 for a in self._arrays
             )
         )
+
+    @property
+    def slots(self) -> list[tuple[int, int]]:
+        """For each block, the indices of its input and output features."""
+        return list(self._slots)
 
     @property
     def on_disk(self) -> bool:
@@ -264,21 +280,52 @@ def _allocate(
 
 def _teacher_pairs(
     decomposition: Decomposition, images: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every block's teacher input and output for one batch, computed afresh (no cache)."""
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[int, int]]]:
+    """Every block's teacher input and output for one batch, computed afresh (no cache), and
+    the recorder's slots (which blocks share a tensor)."""
     with _Recorder(decomposition.blocks) as recorder, torch.no_grad():
         decomposition.frame.eval()(images)
-    return [(recorder.tensors[i], recorder.tensors[o]) for i, o in recorder.slots]
+    pairs = [(recorder.tensors[i], recorder.tensors[o]) for i, o in recorder.slots]
+    return pairs, list(recorder.slots)
+
+
+def _follows(slots: Sequence[tuple[int, int]]) -> list[bool]:
+    """For each block, whether its input is the previous block's output."""
+    return [b > 0 and slots[b][0] == slots[b - 1][1] for b in range(len(slots))]
 
 
 @torch.no_grad()
-def _val_mse(module: nn.Module, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    module.eval()
-    total = count = 0.0
-    for x, y in pairs:
-        total += nn.functional.mse_loss(module(x), y, reduction="sum").item()
-        count += y.numel()
-    return total / max(count, 1)
+def _val_errors(
+    descendants: Sequence[Sequence[Descendant]],
+    val_batches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+    chain: float,
+    follows: Sequence[bool],
+) -> list[list[float]]:
+    """Validation MSE of every descendant against the teacher's block output, each pruned one
+    fed as it trains: the ``chain`` share of each batch through the previous block's pruned
+    descendant at its level (where the block follows it), the rest the teacher's input."""
+    errors = []
+    upstream: list[dict[int, torch.Tensor]] = [{} for _ in val_batches]
+    for b, family in enumerate(descendants):
+        outputs: list[dict[int, torch.Tensor]] = [{} for _ in val_batches]
+        row = []
+        for level, d in enumerate(family):
+            d.module.eval()
+            total = count = 0.0
+            for j, pairs in enumerate(val_batches):
+                x, y = pairs[b]
+                k = round(len(x) * chain)
+                if d.info.pruned and k and follows[b] and level in upstream[j]:
+                    x = torch.cat([upstream[j][level][:k], x[k:]])
+                out = d.module(x)
+                total += nn.functional.mse_loss(out, y, reduction="sum").item()
+                count += y.numel()
+                if d.info.pruned and k:
+                    outputs[j][level] = out
+            row.append(total / max(count, 1) if val_batches else math.nan)
+        upstream = outputs
+        errors.append(row)
+    return errors
 
 
 def retrain(
@@ -352,11 +399,14 @@ def _distill(
         for start in range(0, len(indices), config.batch_size):
             yield indices[start : start + config.batch_size]
 
+    slots = cache.slots if cache is not None else []  # which blocks share a tensor
+
     def pairs_for(batch: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if cache is not None:
             return [cache.pair(b, batch) for b in range(plan.num_blocks)]
         images = torch.stack([dataset[int(i)][0] for i in batch])
-        return _teacher_pairs(decomposition, images)
+        pairs, slots[:] = _teacher_pairs(decomposition, images)
+        return pairs
 
     val_batches = [pairs_for(b) for b in batches(val_idx, False, 0)] if n_val else []
     trainable = [[d for d in family if d.info.pruned] for family in descendants]
@@ -367,9 +417,10 @@ def _distill(
             optimizers[d.info.key] = torch.optim.Adam(
                 d.module.parameters(), lr=config.lr, weight_decay=config.weight_decay
             )
+    val_follows = _follows(slots)
+    initial = _val_errors(descendants, val_batches, config.chain, val_follows)
     for b, family in enumerate(descendants):
-        block_val = [pairs[b] for pairs in val_batches]
-        before = [_val_mse(d.module, block_val) if block_val else math.nan for d in family]
+        before = initial[b]
         report.val_mse_before.append(before)
         report.val_mse_after.append(list(before))
         report.best_epoch.append([0] * len(family))
@@ -392,28 +443,41 @@ def _distill(
             spent = dict.fromkeys(optimizers, 0.0)
             for step, batch in enumerate(batches(train_idx, True, epoch), start=1):
                 pairs = pairs_for(batch)
+                chained = round(len(batch) * config.chain)
+                follows = _follows(slots)
                 loss_sum = 0.0
-                for b, family in enumerate(trainable):
+                upstream: dict[int, torch.Tensor] = {}  # level -> previous block's output
+                for b, family in enumerate(descendants):
                     x, y = pairs[b]
-                    for d in family:
+                    outputs: dict[int, torch.Tensor] = {}
+                    for level, d in enumerate(family):
+                        if not d.info.pruned:
+                            continue
                         start = time.perf_counter()
+                        inputs = x
+                        if chained and follows[b] and level in upstream:
+                            inputs = torch.cat([upstream[level][:chained], x[chained:]])
                         opt = optimizers[d.info.key]
                         opt.zero_grad(set_to_none=True)
-                        loss = nn.functional.mse_loss(d.module(x), y)
+                        out = d.module(inputs)
+                        loss = nn.functional.mse_loss(out, y)
                         loss.backward()
                         opt.step()
+                        if chained:
+                            outputs[level] = out.detach()
                         loss_sum += loss.item()
                         spent[d.info.key] += time.perf_counter() - start
+                    upstream = outputs
                 running += loss_sum
                 advance(epoch=epoch, mse=running / step / max(1, sum(map(len, trainable))))
+            current = _val_errors(descendants, val_batches, config.chain, val_follows)
             for b, family in enumerate(descendants):
-                block_val = [pairs[b] for pairs in val_batches]
                 for i, d in enumerate(family):
                     if d.info.pruned:
                         report.epoch_seconds[b][i].append(spent[d.info.key])
-                    if not d.info.pruned or not block_val:
+                    if not d.info.pruned or not val_batches:
                         continue  # without validation data the last state is kept
-                    mse = _val_mse(d.module, block_val)
+                    mse = current[b][i]
                     report.history[b][i].append(mse)
                     if mse < states[d.info.key][0]:
                         states[d.info.key] = (mse, copy.deepcopy(d.module.state_dict()))

@@ -350,6 +350,7 @@ def calibrate(
     config: ProfileConfig | None = None,
     *,
     selections: int = 0,
+    frontier: int = 0,
     seed: int = 0,
     measure_frame: bool = True,
     overwrite: bool = False,
@@ -363,7 +364,8 @@ def calibrate(
     backend (else its first) and the proxy is then :func:`choose_proxy`'s. With ``selections``,
     that many random selections are then timed there whole, beside the teacher
     (:func:`~blockscale.profile.validate`, latency alone), and the target gets the correction
-    and the residuals a validated build keeps, so that it selects at a ``confidence``.
+    and the residuals a validated build keeps, so that it selects at a ``confidence``; with
+    ``frontier`` as well, that many selections along the estimate's frontier give the margin.
 
     Returns how many descendants were measured and predicted, which were sampled, the frame's
     latency, the fit, its in-sample and held-out MAPE (%, None when there is too little to judge)
@@ -428,6 +430,7 @@ def calibrate(
             None,
             chosen,
             samples=selections,
+            frontier=frontier,
             seed=seed,
             config=config,
             progress=progress,
@@ -443,6 +446,9 @@ def calibrate(
                 "corrected_latency_mape_percent",
             )
         }
+        if "frontier" in check:
+            checked["frontier"] = check["frontier"]["samples"]
+            checked["frontier_latency_mape_percent"] = check["frontier"]["latency_mape_percent"]
         checked["margin_at_0.95"] = profiles.latency_corrections[chosen.name].headroom(0.95)
     bank.update(profiles=profiles.to_dict())
     in_sample = [fit.predict(proxy_ms[k]) / ms - 1.0 for k, ms in measured.items() if ms > 0]
