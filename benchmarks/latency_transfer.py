@@ -1,7 +1,9 @@
 """Latency on targets never measured: proxy transfer and the scalable predictor, measured.
 
-On the estimate-fidelity bank (ResNet-20, 9 blocks x 6 descendants; ``estimate_fidelity.py``
-builds it), in one run:
+On a ResNet-20 bank of 9 blocks x 6 descendants built with the defaults (kept widths rounded to
+multiples of 8), ``--bank``, made by ``blockscale build --model resnet20 --dataset fashion-mnist
+--epochs 5 --retrain-samples 6000 --profile-samples 2000 --validate-samples 20 --out
+benchmarks/results/transfer-bank``, in one run:
 
 - every descendant is timed on every target (torch and ONNX Runtime at 1 and 2 threads, ONNX
   Runtime int8 at 1 and 2, TFLite with ``--tflite``); the rank agreement (Spearman) of block
@@ -25,7 +27,7 @@ builds it), in one run:
   drawn from the same selections' leave-one-out residuals, in the picks; and the same margin
   drawn instead from ``--correct-on`` selections along the kept estimate's frontier, measured
   there (the kind of selection the solver picks, where a random selection's residual understates
-  the error);
+  the error; what a build's ``validate_frontier`` and ``calibrate --frontier`` now keep);
 - the scalable predictor (target features and descendant features to latency), leave one target
   out: each target predicted from the others and its probe-block signature alone;
 - an amortised optimizer (nearest known target by signature, its stored exact picks per budget
@@ -80,7 +82,7 @@ FRACTIONS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bank", default="benchmarks/results/fidelity-bank")
+    parser.add_argument("--bank", default="benchmarks/results/transfer-bank")
     parser.add_argument("--proxy", default="ort-2t")
     parser.add_argument("--tflite", action="store_true", help="also profile tflite-1t")
     parser.add_argument("--selections", type=int, default=30)

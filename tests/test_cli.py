@@ -244,8 +244,11 @@ def test_select_at_a_confidence_leaves_the_validated_margin(built_bank):
     data = json.loads(chosen.stdout)
     assert data["confidence"] == 0.95
     assert data["latency_ms"] * margin <= budget * (1 + 1e-5)  # the plain estimate (float32)
-    shown = invoke("inspect", out)
-    assert "latency margin for --confidence 0.95" in shown.stdout
+    shown = " ".join(invoke("inspect", out).stdout.split())
+    assert "latency margin for --confidence 0.95" in shown
+    assert "measured selections along the frontier)" in shown  # the build measured them
+    assert re.search(r"on [123] selections along the frontier: latency MAPE", shown)
+    assert "accuracy overestimated by" in shown
     bad = invoke("select", out, "--latency-ms", budget, "--confidence", "1.5")
     assert bad.exit_code == 2 and "confidence must lie in (0, 1)" in bad.output
 

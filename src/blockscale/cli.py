@@ -513,6 +513,17 @@ def _show_profile(bank: Any) -> None:
                     f"{check['relative_latency_mape_percent']:.1f}% (Spearman "
                     f"{_or_dash(check['relative_latency_spearman'], '{:.3f}')})"
                 )
+            if "frontier" in check:
+                at = check["frontier"]
+                over = (
+                    f", accuracy overestimated by {at['accuracy_overestimate_points']:.2f} points"
+                    if "accuracy_overestimate_points" in at
+                    else ""
+                )
+                _out.print(
+                    f"on {at['samples']} selections along the frontier: latency MAPE "
+                    f"{at['latency_mape_percent']:.1f}% (the estimate kept){over}"
+                )
             fix = profiles.latency_corrections.get(target)
             if fix and (fix.offset_ms, fix.scale) != (0.0, 1.0):
                 _out.print(
@@ -522,7 +533,8 @@ def _show_profile(bank: Any) -> None:
             if fix and fix.residuals:
                 _out.print(
                     f"latency margin for --confidence 0.95: x{fix.headroom(0.95):.3f} "
-                    f"(from {len(fix.residuals)} measured selections)"
+                    f"(from {len(fix.residuals)} measured selections"
+                    f"{' along the frontier' if 'frontier' in check else ''})"
                 )
 
 

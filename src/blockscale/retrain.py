@@ -5,8 +5,8 @@ memory when they fit, else in memory-mapped files on disk, optionally as float16
 never rerun it. Every descendant of a block trains from the same cached pairs, with the mean squared
 error between its output and the teacher block's output, fed the teacher's block input or, for a
 share of each batch (``RetrainConfig.chain``), the output of the previous block's descendant at the
-same level. The state with the lowest validation error (on the teacher's inputs) is kept. Unpruned copies are not retrained: they already
-equal the teacher's block exactly.
+same level. The state with the lowest validation error, fed the same way, is kept. Unpruned copies
+are not retrained: they already equal the teacher's block exactly.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ class RetrainConfig:
     ``"auto"`` (memory when the features fit in ``memory_limit_mb``), or ``"none"`` (rerun the
     teacher on every batch of every epoch, as LegoDNN's code does; for comparison).
 
-    ``chain``: the share of each batch that a descendant sees through
-    the descendant at its own level of the block before it (whose output that batch, detached),
-    instead of the teacher's input, where the block's input is the previous block's output; 0 is
-    LegoDNN's purely local distillation. The target stays the teacher's output, so a chained
-    descendant also learns to undo the error of its pruned predecessor, the error that compounds
-    when a selection prunes many blocks in a row.
+    ``chain``: where a block's input is the previous block's output, the share of each batch that
+    its descendants see through the previous block's pruned descendant at the same level (that
+    step's output, detached) instead of the teacher's input; 0 is LegoDNN's purely local
+    distillation. The target stays the teacher's output, so a chained descendant also learns to
+    undo its pruned predecessor's error, the error that compounds when a selection prunes many
+    blocks in a row.
     """
 
     epochs: int = 10
