@@ -66,13 +66,12 @@ def main() -> None:
             retrain(decomposition, families, retrain_set, config, progress=False)
             seconds = time.perf_counter() - start
 
-            def accuracy(choices: list[int], families=families) -> float:
-                blocks = [families[b][d].module for b, d in enumerate(choices)]
-                return 100 * evaluate(compose(decomposition, blocks).eval(), test_set)
-
             n = len(decomposition.blocks)
-            uniform = {str(level): accuracy([level] * n) for level in range(1, levels)}
-            random_acc = [accuracy(c) for c in picks]
+            uniform = {
+                str(level): _accuracy(decomposition, families, [level] * n, test_set)
+                for level in range(1, levels)
+            }
+            random_acc = [_accuracy(decomposition, families, c, test_set) for c in picks]
             results[name][f"chain {chain:g}"] = {
                 "retrain_seconds": seconds,
                 "uniform_test_accuracy": uniform,
@@ -83,6 +82,12 @@ def main() -> None:
     out = {"command": command("benchmarks/chained_retrain.py", args), **provenance()}
     out["models"] = results
     Path(args.out_json).write_text(json.dumps(out, indent=1))
+
+
+def _accuracy(decomposition, families, choices: list[int], test_set) -> float:
+    """Test accuracy (%) of the selection ``choices``, composed whole."""
+    blocks = [families[b][d].module for b, d in enumerate(choices)]
+    return 100 * evaluate(compose(decomposition, blocks).eval(), test_set)
 
 
 if __name__ == "__main__":
