@@ -20,6 +20,7 @@ from blockscale.extract import compose, extract
 from blockscale.profile import (
     GAMMAS,
     BankProfile,
+    DropCorrection,
     LatencyCorrection,
     ProfileConfig,
     _link,
@@ -30,6 +31,7 @@ from blockscale.profile import (
     fit_block_weights,
     fit_interactions,
     frontier_choices,
+    kept_accuracy_estimate,
     kept_latency_estimate,
     peak_activation_bytes,
     predict_selections,
@@ -892,8 +894,20 @@ def test_validate_measures_the_frontier_and_draws_the_margin_from_it(bank):
     assert check["samples"] == len(check["records"]) == 5  # the random ones alone
     at = check["frontier"]
     assert at["samples"] == len(at["records"]) == len(at["latency_residuals"]) == 3
-    assert [r["choices"] for r in at["records"]] == frontier_choices(profiles, "torch-1t", 3)
     without = {k: v for k, v in check.items() if k != "frontier"}
+    # the frontier of the estimate as selection will use it: with the accuracy correction kept
+    kept_accuracy = kept_accuracy_estimate(profiles, without)
+    assert [r["choices"] for r in at["records"]] == frontier_choices(kept_accuracy, "torch-1t", 3)
+    kept_est = [
+        estimate(kept_accuracy, r["choices"], "torch-1t")["accuracy"] for r in at["records"]
+    ]
+    assert [r["kept_estimated_accuracy"] for r in at["records"]] == kept_est
+    assert at["accuracy_overestimate_points"] == pytest.approx(
+        100
+        * np.mean(
+            [e - r["measured_accuracy"] for e, r in zip(kept_est, at["records"], strict=True)]
+        )
+    )
     random_kept = kept_latency_estimate(without)
     teacher_ms = estimate(profiles, [0, 0], "torch-1t")["latency_ms"]
     for record, residual in zip(at["records"], at["latency_residuals"], strict=True):
@@ -917,3 +931,25 @@ def test_validate_rejects_a_negative_frontier(bank):
     _, d, families, val_set, profiles = bank
     with pytest.raises(ConfigError, match="frontier"):
         validate(profiles, d, families, val_set, Target(), frontier=-1, progress=False)
+
+
+@pytest.mark.parametrize("combine", ["fitted", "sum"])
+@pytest.mark.parametrize("helped", [True, False])
+def test_the_accuracy_correction_is_kept_only_when_it_helped(bank, combine, helped):
+    *_, profiles = bank
+    plain = dataclasses.replace(profiles, combine=combine, block_weights=None, correction=None)
+    check = {
+        "accuracy_mae_points": 1.0,
+        "weighted_accuracy_mae_points": 0.5 if helped else 1.5,
+        "corrected_accuracy_mae_points": 0.5 if helped else 1.5,
+        "block_weights": [0.5, 2.0],
+        "correction": {"linear": 2.0, "quadratic": 0.1},
+    }
+    kept = kept_accuracy_estimate(plain, check)
+    if not helped:
+        assert kept is plain
+    elif combine == "fitted":
+        assert kept.block_weights == [0.5, 2.0] and kept.correction is None
+    else:
+        assert kept.correction == DropCorrection(2.0, 0.1) and kept.block_weights is None
+    assert plain.block_weights is None and plain.correction is None  # not changed in place

@@ -24,7 +24,13 @@ from .bank import Bank, check_destination
 from .derive import derive
 from .errors import BankError, ConfigError
 from .extract import extract
-from .profile import DropCorrection, ProfileConfig, kept_latency_estimate, profile, validate
+from .profile import (
+    ProfileConfig,
+    kept_accuracy_estimate,
+    kept_latency_estimate,
+    profile,
+    validate,
+)
 from .retrain import RetrainConfig, retrain
 from .targets import Target
 from .types import DeriveConfig
@@ -227,11 +233,7 @@ def build(
         timings["validate"] = time.perf_counter() - start
         check = profiles.validation[target.name]
         # a correction is kept only when it beat the plain estimate out of sample
-        if profiles.combine == "fitted":
-            if check["weighted_accuracy_mae_points"] < check["accuracy_mae_points"]:
-                profiles.block_weights = check["block_weights"]
-        elif check["corrected_accuracy_mae_points"] < check["accuracy_mae_points"]:
-            profiles.correction = DropCorrection(**check["correction"])
+        profiles = kept_accuracy_estimate(profiles, check)
         profiles.latency_corrections[target.name] = kept_latency_estimate(check)
     bank = save(out, {"retrain": report, "profiles": profiles.to_dict(), "timings": timings})
     shutil.rmtree(work, ignore_errors=True)

@@ -925,11 +925,17 @@ def validate(
     frame_ms = summed.frame.latency_ms[target.name]
     summary.update(corrected_latency_errors(records, teacher_estimate, frame_ms))
     if frontier:
-        points = frontier_choices(summed, target.name, frontier)
+        # the frontier of the estimate selection will use: with the accuracy correction kept
+        kept_accuracy = kept_accuracy_estimate(summed, summary) if val_set is not None else summed
+        points = frontier_choices(kept_accuracy, target.name, frontier)
         with progress_bar("validate the frontier", len(points), enabled=progress) as advance:
             picked = []
             for choices in points:
-                picked.append(measure(choices))
+                record = measure(choices)
+                if val_set is not None:
+                    kept_est = estimate(kept_accuracy, choices, target.name)["accuracy"]
+                    record["kept_estimated_accuracy"] = kept_est
+                picked.append(record)
                 advance()
         kept = kept_latency_estimate(summary)
         summary["frontier"] = frontier_errors(picked, kept, teacher_estimate)
@@ -965,7 +971,8 @@ def frontier_errors(
     """How the estimate that validation keeps (``kept``, fitted on random selections; ms, with
     the teacher's summed latency ``teacher_ms``) did on measured frontier selections: their
     residuals (measured over estimated latency, relative to the teacher), its relative latency
-    MAPE and, when the records carry accuracy, the accuracy estimate's signed error there."""
+    MAPE and, when the records carry accuracy, the signed error there of the accuracy estimate
+    kept (``kept_estimated_accuracy``)."""
     offset = kept.offset_ms / teacher_ms
     residuals = [
         r["measured_latency_ratio"] / (offset + kept.scale * r["estimated_latency_ratio"])
@@ -978,7 +985,7 @@ def frontier_errors(
     }
     if records and "measured_accuracy" in records[0]:
         summary["accuracy_overestimate_points"] = 100 * statistics.fmean(
-            r["estimated_accuracy"] - r["measured_accuracy"] for r in records
+            r["kept_estimated_accuracy"] - r["measured_accuracy"] for r in records
         )
     summary["records"] = list(records)
     return summary
@@ -1008,6 +1015,18 @@ def corrected_latency_errors(
         * statistics.fmean(abs(p - m) / m for p, m in zip(predictions, real, strict=True)),
         "corrected_latency_spearman": spearman(predictions, real),
     }
+
+
+def kept_accuracy_estimate(bank_profile: BankProfile, check: dict[str, Any]) -> BankProfile:
+    """``bank_profile`` with the accuracy correction that validation keeps, from
+    :func:`validate`'s summary ``check``: for fitted costs the block weights, else the drop
+    correction, each only when it beat the plain estimate out of sample."""
+    if bank_profile.combine == "fitted":
+        if check["weighted_accuracy_mae_points"] < check["accuracy_mae_points"]:
+            return dataclasses.replace(bank_profile, block_weights=check["block_weights"])
+    elif check["corrected_accuracy_mae_points"] < check["accuracy_mae_points"]:
+        return dataclasses.replace(bank_profile, correction=DropCorrection(**check["correction"]))
+    return bank_profile
 
 
 def without_records(check: dict[str, Any]) -> dict[str, Any]:
