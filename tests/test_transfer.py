@@ -387,6 +387,14 @@ def test_calibrate_with_selections_gives_the_target_a_margin(bank, tmp_path):
     assert summary["selections"]["margin_at_0.95"] == kept.headroom(0.95)
 
 
+def test_calibrate_frontier_needs_random_selections(bank, tmp_path):
+    shutil.copytree(bank, tmp_path / "bank")
+    opened = Bank.open(tmp_path / "bank")
+    with pytest.raises(ConfigError, match="without random ones"):
+        calibrate(opened, "torch-1t", "torch-2t", 2, FAST, frontier=2, progress=False)
+    assert "torch-2t" not in Bank.open(tmp_path / "bank").profile.targets  # nothing written
+
+
 def test_calibrate_without_timing_the_frame_predicts_it(bank, tmp_path):
     shutil.copytree(bank, tmp_path / "bank")
     opened = Bank.open(tmp_path / "bank")

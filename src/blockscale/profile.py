@@ -947,22 +947,17 @@ def frontier_choices(bank_profile: BankProfile, target: str, count: int) -> list
     accuracy-latency frontier of ``bank_profile``'s estimate on ``target``. An increasing
     affine latency correction leaves the frontier as it is, so the plain sum's is the one."""
     latency = [[p.latency_ms[target] for p in family] for family in bank_profile.descendants]
-    table = CostTable(
-        drop=_padded(bank_profile.costs()),
-        latency_ms=_padded(latency),
-        weight_bytes=np.zeros((len(latency), max(map(len, latency)))),
-        activation_bytes=np.zeros((len(latency), max(map(len, latency)))),
-        sizes=tuple(map(len, latency)),
+    unused = [[0] * len(family) for family in latency]  # memory plays no part in this frontier
+    table = CostTable.from_lists(
+        bank_profile.costs(),
+        latency,
+        unused,
+        unused,
         frame_latency_ms=bank_profile.frame.latency_ms[target],
     )
     points = [list(s.choices) for s in pareto_frontier(table)]
     ranks = np.unique(np.linspace(0, len(points) - 1, min(count, len(points))).round())
     return [points[int(r)] for r in ranks]
-
-
-def _padded(rows: Sequence[Sequence[float]]) -> np.ndarray:
-    width = max(map(len, rows))
-    return np.array([list(r) + [0.0] * (width - len(r)) for r in rows], dtype=np.float64)
 
 
 def frontier_errors(

@@ -294,29 +294,41 @@ def _follows(slots: Sequence[tuple[int, int]]) -> list[bool]:
     return [b > 0 and slots[b][0] == slots[b - 1][1] for b in range(len(slots))]
 
 
+def _fed(x: torch.Tensor, previous: torch.Tensor | None, share: int) -> torch.Tensor:
+    """A block's input for a descendant: the teacher's ``x`` with its first ``share`` samples
+    replaced by ``previous`` (the previous block's descendant's output), when there is one."""
+    return x if previous is None or not share else torch.cat([previous[:share], x[share:]])
+
+
 @torch.no_grad()
 def _val_errors(
     descendants: Sequence[Sequence[Descendant]],
     val_batches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
     chain: float,
     follows: Sequence[bool],
+    *,
+    pruned_only: bool = False,
 ) -> list[list[float]]:
     """Validation MSE of every descendant against the teacher's block output, each pruned one
     fed as it trains: the ``chain`` share of each batch through the previous block's pruned
-    descendant at its level (where the block follows it), the rest the teacher's input."""
+    descendant at its level (where the block follows it), the rest the teacher's input. With
+    ``pruned_only`` the unpruned ones (which never change) are skipped, as NaN."""
     errors = []
     upstream: list[dict[int, torch.Tensor]] = [{} for _ in val_batches]
     for b, family in enumerate(descendants):
         outputs: list[dict[int, torch.Tensor]] = [{} for _ in val_batches]
         row = []
         for level, d in enumerate(family):
+            if pruned_only and not d.info.pruned:
+                row.append(math.nan)
+                continue
             d.module.eval()
             total = count = 0.0
             for j, pairs in enumerate(val_batches):
                 x, y = pairs[b]
                 k = round(len(x) * chain)
-                if d.info.pruned and k and follows[b] and level in upstream[j]:
-                    x = torch.cat([upstream[j][level][:k], x[k:]])
+                if d.info.pruned and follows[b]:
+                    x = _fed(x, upstream[j].get(level), k)
                 out = d.module(x)
                 total += nn.functional.mse_loss(out, y, reduction="sum").item()
                 count += y.numel()
@@ -454,9 +466,7 @@ def _distill(
                         if not d.info.pruned:
                             continue
                         start = time.perf_counter()
-                        inputs = x
-                        if chained and follows[b] and level in upstream:
-                            inputs = torch.cat([upstream[level][:chained], x[chained:]])
+                        inputs = _fed(x, upstream.get(level) if follows[b] else None, chained)
                         opt = optimizers[d.info.key]
                         opt.zero_grad(set_to_none=True)
                         out = d.module(inputs)
@@ -470,7 +480,9 @@ def _distill(
                     upstream = outputs
                 running += loss_sum
                 advance(epoch=epoch, mse=running / step / max(1, sum(map(len, trainable))))
-            current = _val_errors(descendants, val_batches, config.chain, val_follows)
+            current = _val_errors(
+                descendants, val_batches, config.chain, val_follows, pruned_only=True
+            )
             for b, family in enumerate(descendants):
                 for i, d in enumerate(family):
                     if d.info.pruned:

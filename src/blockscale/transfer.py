@@ -373,6 +373,12 @@ def calibrate(
     summed estimate did on them and the margin at 95% confidence."""
     profiles = bank.profile
     chosen = Target.parse(target)
+    if frontier and not selections:
+        raise ConfigError(
+            f"{frontier} frontier selections were asked for without random ones",
+            hint="pass selections=N (--selections N) as well: the frontier's margin is measured "
+            "against the estimate those correct",
+        )
     if chosen.name == proxy:
         raise ConfigError(
             f"the target {chosen.name} is the proxy itself",
